@@ -1,0 +1,274 @@
+"""Plain records that cross the store boundary. Pure data, no behaviour beyond conversion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from conveyor.core.status import RunStatus
+
+DEFAULT_MACHINE = "small-1x"
+
+
+@dataclass(slots=True)
+class NewRun:
+    """A run about to be inserted. Payload and metadata are already JSON text."""
+
+    id: str
+    task_id: str
+    queue: str
+    payload: str
+    status: RunStatus  # QUEUED or DELAYED
+    available_at: float
+    max_attempts: int
+    retry: dict[str, Any] | None = None
+    priority: int = 0
+    ttl: float | None = None
+    max_duration: float | None = None
+    concurrency_key: str | None = None
+    key_limit: int | None = None
+    queue_slot: bool = True
+    idempotency_key: str | None = None
+    idempotency_key_ttl: float | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: str | None = None
+    machine: str = DEFAULT_MACHINE
+    version: str | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    batch_id: str | None = None
+    trace_context: str | None = None
+
+
+@dataclass(slots=True)
+class Run:
+    """A run as `runs.retrieve` shows it. JSON fields are decoded."""
+
+    id: str
+    environment: str
+    task_id: str
+    queue: str
+    status: RunStatus
+    payload: Any
+    output: Any
+    error: dict[str, Any] | None
+    attempts: int
+    max_attempts: int
+    tags: list[str]
+    metadata: dict[str, Any]
+    idempotency_key: str | None
+    concurrency_key: str | None
+    priority: int
+    machine: str
+    version: str | None
+    parent_id: str | None
+    root_id: str | None
+    batch_id: str | None
+    created_at: float
+    available_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    ttl: float | None = None
+    max_duration: float | None = None
+    executed_seconds: float = 0.0
+    cancel_requested: bool = False
+    worker_id: str | None = None
+    # How the run was triggered, kept so a replay can copy it exactly.
+    retry: dict[str, Any] | None = None
+    key_limit: int | None = None
+    queue_slot: bool = True
+    idempotency_key_ttl: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds spent executing (waits excluded)."""
+        return self.executed_seconds if self.started_at is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _INTERNAL_RUN_FIELDS}
+        out["status"] = self.status.value
+        out["duration"] = self.duration
+        return out
+
+
+_INTERNAL_RUN_FIELDS = {"retry", "key_limit", "queue_slot", "idempotency_key_ttl", "worker_id"}
+
+
+@dataclass(slots=True)
+class Attempt:
+    run_id: str
+    number: int
+    status: str
+    worker_id: str | None
+    started_at: float
+    finished_at: float | None
+    error: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class ClaimRequest:
+    environment: str
+    worker_id: str
+    queues: list[str]  # in the order to try them (the caller rotates it for round-robin)
+    task_ids: list[str]  # only runs of tasks this worker has code for
+    limit: int
+    lease_seconds: float
+    machine: str = DEFAULT_MACHINE
+    version: str | None = None  # None: serves any version
+
+
+@dataclass(slots=True)
+class ClaimedRun:
+    id: str
+    task_id: str
+    queue: str
+    payload: str
+    attempt: int
+    lease_token: str
+    max_attempts: int
+    retry: dict[str, Any] | None
+    max_duration: float | None
+    executed_seconds: float
+    tags: list[str]
+    metadata: dict[str, Any]
+    concurrency_key: str | None
+    idempotency_key: str | None
+    machine: str
+    version: str | None
+    parent_id: str | None
+    root_id: str | None
+    batch_id: str | None
+    created_at: float
+    started_at: float
+
+
+class OutcomeKind:
+    COMPLETED = "completed"
+    RETRY = "retry"  # failed, attempts left: back to QUEUED at retry_at
+    FAILED = "failed"  # final failure with `status` (FAILED, TIMED_OUT, CANCELED, CRASHED, ...)
+    RELEASED = "released"  # graceful hand-back: QUEUED, costs no attempt
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a worker reports for one run it holds. Applied only if its lease still matches."""
+
+    run_id: str
+    lease_token: str
+    kind: str
+    output: str | None = None  # JSON text
+    error: dict[str, Any] | None = None
+    retry_at: float | None = None
+    status: RunStatus = RunStatus.FAILED  # final status for kind FAILED
+
+
+@dataclass(slots=True)
+class LogLine:
+    run_id: str
+    lease_token: str
+    attempt: int
+    ts: float
+    level: str
+    message: str
+    attributes: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class MetadataOp:
+    op: str  # set | delete | increment | append
+    key: str
+    value: Any = None
+
+
+@dataclass(slots=True)
+class RunEvent:
+    run_id: str
+    seq: int
+    attempt: int | None
+    kind: str  # status | metadata | stream
+    data: Any
+    created_at: float
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    task_id: str
+    queue: str
+    machine: str = DEFAULT_MACHINE
+    options: dict[str, Any] = field(default_factory=dict)
+    payload_schema: dict[str, Any] | None = None
+    code_hash: str | None = None
+    version: str = ""
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True)
+class QueueSpec:
+    name: str
+    concurrency_limit: int | None
+
+
+@dataclass(slots=True)
+class QueueInfo:
+    name: str
+    concurrency_limit: int | None
+    paused: bool
+    queued: int
+    running: int
+    delayed: int
+    unservable: int = 0  # queued runs no live worker can serve (machine or version)
+
+
+@dataclass(slots=True)
+class HeartbeatResult:
+    renewed: dict[str, str]  # run id -> lease token still held
+    cancel_requested: list[str]
+
+
+@dataclass(slots=True)
+class MaintenanceResult:
+    promoted: int = 0
+    expired: int = 0
+    recovered: int = 0
+    became_due: int = 0  # QUEUED runs whose retry time passed since the last call
+    changed_queues: set[str] = field(default_factory=set)
+    next_due: float | None = None
+
+
+@dataclass(slots=True)
+class CancelResult:
+    run: Run
+    stopping: bool  # EXECUTING: the worker was asked to stop the code
+    worker_address: str | None = None
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    id: str
+    environment: str
+    host: str
+    pid: int
+    address: str | None
+    queues: list[str]
+    machine: str
+    version: str | None
+    started_at: float
+    last_seen_at: float
+
+
+@dataclass(slots=True)
+class RunFilter:
+    task: str | None = None
+    status: list[str] | None = None
+    tags: list[str] | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    batch_id: str | None = None
+    parent_id: str | None = None
+    limit: int = 50
+    cursor: str | None = None  # the last id of the previous page (lists run newest first)

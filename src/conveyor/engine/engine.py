@@ -1,0 +1,275 @@
+"""Engine: the single source of truth for a run's life, used in-process by workers, the CLI and apps.
+
+Each public method is one store transaction (so one transition checks the status it comes
+from), followed by the wake-ups the change calls for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime
+
+from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound, UnknownQueue, UnknownTask
+from conveyor.core.ids import new_id
+from conveyor.core.records import (
+    Attempt,
+    ClaimedRun,
+    ClaimRequest,
+    HeartbeatResult,
+    LogLine,
+    MaintenanceResult,
+    MetadataOp,
+    NewRun,
+    Outcome,
+    QueueInfo,
+    QueueSpec,
+    Run,
+    RunEvent,
+    RunFilter,
+    TaskRecord,
+    WorkerInfo,
+)
+from conveyor.core.status import RunStatus
+from conveyor.engine.notify import CANCEL, DELAYED, Notifier, parse_address
+from conveyor.engine.options import Limits, TriggerOptions, prepare_run
+from conveyor.store.base import Store
+
+MAX_BATCH = 1_000
+MAX_BATCH_BYTES = 10 * 1024 * 1024
+
+
+class Engine:
+    def __init__(self, store: Store, environment: str = "dev", limits: Limits = Limits()) -> None:
+        self.store = store
+        self.environment = environment
+        self.limits = limits
+        self.notifier = Notifier(store, environment)
+
+    @property
+    def now(self) -> float:
+        return self.store.clock.now()
+
+    # --- registry -----------------------------------------------------------------------------
+    def register(self, tasks: Sequence[TaskRecord], queues: Sequence[QueueSpec]) -> None:
+        with self.store.transaction() as tx:
+            tx.task_upsert_many(self.environment, tasks)
+            tx.queue_upsert_many(self.environment, queues)
+
+    def task(self, task_id: str) -> TaskRecord:
+        with self.store.read() as tx:
+            record = tx.task_get(self.environment, task_id)
+        if record is None:
+            raise UnknownTask(
+                f"no task {task_id!r} is registered in environment {self.environment!r} "
+                "(start a worker that imports it, or check the id)"
+            )
+        return record
+
+    def tasks(self) -> list[TaskRecord]:
+        with self.store.read() as tx:
+            return tx.task_list(self.environment)
+
+    # --- trigger --------------------------------------------------------------------------------
+    def prepare(self, task: TaskRecord, payload_json: str, options: TriggerOptions, **derived: object) -> NewRun:
+        return prepare_run(task, payload_json, options, self.now, self.limits, **derived)  # type: ignore[arg-type]
+
+    def trigger_by_id(
+        self, task_id: str, payload_json: str, options: TriggerOptions, **derived: object
+    ) -> tuple[str, bool]:
+        """Trigger a task known only from the registry (no code imported)."""
+        task = self.task(task_id)
+        if options.queue and options.queue != task.queue:
+            self.check_queue(options.queue)
+        return self.insert([self.prepare(task, payload_json, options, **derived)])[0]
+
+    def check_queue(self, name: str) -> None:
+        with self.store.read() as tx:
+            known = tx.queue_get(self.environment, name) is not None or any(
+                t.queue == name for t in tx.task_list(self.environment)
+            )
+        if not known:
+            raise UnknownQueue(f"no queue {name!r} in environment {self.environment!r}")
+
+    def insert(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        """Insert prepared runs atomically; -> (run id, created) in input order."""
+        if len(runs) > MAX_BATCH:
+            raise InvalidOptions(f"a batch takes at most {MAX_BATCH:,} items, got {len(runs):,}")
+        if len(runs) > 1:
+            size = sum(len(r.payload) for r in runs)
+            if size > MAX_BATCH_BYTES:
+                raise InvalidOptions(f"a batch takes at most {MAX_BATCH_BYTES:,} bytes of payload, got {size:,}")
+            batch_id = new_id("batch")
+            for r in runs:
+                r.batch_id = r.batch_id or batch_id
+        with self.store.transaction() as tx:
+            results = tx.run_insert_many(self.environment, runs)
+        if any(created for _, created in results):
+            if any(r.status is RunStatus.QUEUED for r in runs):
+                self.notifier.wake_workers()
+            if any(r.status is RunStatus.DELAYED for r in runs):
+                self.notifier.wake_workers(DELAYED)
+        return results
+
+    # --- worker side ------------------------------------------------------------------------------
+    def claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        with self.store.transaction() as tx:
+            return tx.run_claim(request)
+
+    def exchange(
+        self,
+        outcomes: Sequence[Outcome],
+        logs: Sequence[LogLine],
+        claim: ClaimRequest | None,
+        metadata: Sequence[tuple[str, str, list[MetadataOp]]] = (),
+    ) -> tuple[list[bool], list[ClaimedRun]]:
+        """A worker's hot path in one transaction: log lines and metadata, then outcomes (so a
+        run's last writes land before it finishes), then new claims."""
+        with self.store.transaction() as tx:
+            if logs:
+                tx.log_append_many(logs)
+            for run_id, lease_token, ops in metadata:
+                tx.metadata_apply(run_id, ops, lease_token)
+            accepted = tx.run_settle_many(self.environment, outcomes) if outcomes else []
+            claimed = tx.run_claim(claim) if claim is not None and claim.limit > 0 else []
+        if any(o.kind != "completed" for o, ok in zip(outcomes, accepted, strict=True) if ok):
+            # A released or retried run is work for someone (maybe another worker).
+            self.notifier.wake_workers()
+        return accepted, claimed
+
+    def heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
+        with self.store.transaction() as tx:
+            return tx.run_heartbeat(worker_id, lease_seconds)
+
+    def cancel_requested(self, worker_id: str) -> list[str]:
+        with self.store.read() as tx:
+            return tx.run_cancel_requested(worker_id)
+
+    def register_worker(self, worker: WorkerInfo) -> None:
+        with self.store.transaction() as tx:
+            tx.worker_register(worker)
+
+    def deregister_worker(self, worker_id: str) -> None:
+        with self.store.transaction() as tx:
+            tx.worker_deregister(worker_id)
+
+    def workers(self) -> list[WorkerInfo]:
+        with self.store.read() as tx:
+            return tx.worker_list(self.environment)
+
+    def maintain(self, since: float | None = None) -> MaintenanceResult:
+        """Time-driven transitions. `since`: when the caller last ran it, to notice retries
+        that became due in between (they need a wake-up, not a transition)."""
+        with self.store.transaction() as tx:
+            result = tx.run_maintain(since=since)
+        if result.promoted or result.recovered or result.became_due:
+            self.notifier.wake_workers()
+        return result
+
+    # --- runs API -------------------------------------------------------------------------------
+    def retrieve(self, run_id: str) -> Run:
+        with self.store.read() as tx:
+            run = tx.run_get(self.environment, run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id!r} in environment {self.environment!r}")
+        return run
+
+    def list_runs(self, flt: RunFilter) -> list[Run]:
+        with self.store.read() as tx:
+            return tx.run_list(self.environment, flt)
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        with self.store.read() as tx:
+            return tx.attempt_list(run_id)
+
+    def events(self, run_id: str, after_seq: int = 0) -> list[RunEvent]:
+        with self.store.read() as tx:
+            return tx.event_list(run_id, after_seq)
+
+    def logs(self, run_id: str) -> list[LogLine]:
+        with self.store.read() as tx:
+            return tx.log_list(run_id)
+
+    def cancel(self, run_id: str) -> Run:
+        """QUEUED, DELAYED, WAITING: CANCELED at once. EXECUTING: its worker is told to stop the
+        code and confirms; the run keeps its slots until then. Finished: unchanged."""
+        with self.store.transaction() as tx:
+            result = tx.run_cancel(self.environment, run_id)
+        if result.stopping:
+            target = parse_address(result.worker_address)
+            if target:
+                self.notifier.send([target], CANCEL)
+        return result.run
+
+    def replay(self, run_id: str) -> str:
+        """A new run of the same task with the same payload and options (no idempotency key)."""
+        old = self.retrieve(run_id)
+        new = NewRun(
+            id=new_id("run"),
+            task_id=old.task_id,
+            queue=old.queue,
+            payload=json.dumps(old.payload, separators=(",", ":")),
+            status=RunStatus.QUEUED,
+            available_at=self.now,
+            max_attempts=old.max_attempts,
+            retry=old.retry,
+            priority=old.priority,
+            ttl=old.ttl,
+            max_duration=old.max_duration,
+            concurrency_key=old.concurrency_key,
+            key_limit=old.key_limit,
+            queue_slot=old.queue_slot,
+            tags=old.tags,
+            metadata=json.dumps(old.metadata) if old.metadata else None,
+            machine=old.machine,
+            version=old.version,
+        )
+        return self.insert([new])[0][0]
+
+    def reschedule(self, run_id: str, delay: float | datetime) -> Run:
+        if isinstance(delay, datetime):
+            if delay.tzinfo is None:
+                raise InvalidOptions("reschedule to a datetime needs a timezone-aware datetime")
+            when = delay.timestamp()
+        elif isinstance(delay, int | float) and not isinstance(delay, bool) and delay >= 0:
+            when = self.now + float(delay)
+        else:
+            raise InvalidOptions(f"delay must be seconds >= 0 or a datetime, got {delay!r}")
+        with self.store.transaction() as tx:
+            run = tx.run_reschedule(self.environment, run_id, when)
+        return run
+
+    def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.002) -> Run:
+        """Block until the run is finished. Polls with growing intervals (2 ms .. 100 ms)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.retrieve(run_id)
+            if run.status.finished:
+                return run
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {run.status.value} after {timeout} s")
+            time.sleep(poll)
+            poll = min(poll * 1.5, 0.1)
+
+    # --- queues ---------------------------------------------------------------------------------
+    def queues(self) -> list[QueueInfo]:
+        with self.store.read() as tx:
+            return tx.queue_list(self.environment)
+
+    def queue(self, name: str) -> QueueInfo:
+        with self.store.read() as tx:
+            info = tx.queue_get(self.environment, name)
+        if info is None:
+            raise UnknownQueue(f"no queue {name!r} in environment {self.environment!r}")
+        return info
+
+    def set_paused(self, name: str, paused: bool) -> QueueInfo:
+        self.queue(name)  # raises UnknownQueue
+        with self.store.transaction() as tx:
+            info = tx.queue_set_paused(self.environment, name, paused)
+        if info is None:  # pragma: no cover - the row was just written
+            raise InvalidTransition(f"queue {name!r} vanished")
+        if not paused:
+            self.notifier.wake_workers()
+        return info

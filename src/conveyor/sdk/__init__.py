@@ -1,0 +1,1 @@
+"""What users import: the task decorator, the client, the run context and its helpers."""

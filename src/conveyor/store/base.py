@@ -1,0 +1,172 @@
+"""The store interface every driver implements.
+
+Work happens inside a transaction: `with store.transaction() as tx:` gives a `Tx` whose
+methods are the whole vocabulary of the run lifecycle. One transaction may combine several
+(a worker settles finished runs and claims new ones in one commit). Methods are noun-first,
+take plain records from `conveyor.core.records`, and check in SQL the status a run comes from,
+so two processes can never both finish, claim or resume one run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from conveyor.core.clock import Clock
+from conveyor.core.records import (
+    Attempt,
+    CancelResult,
+    ClaimedRun,
+    ClaimRequest,
+    HeartbeatResult,
+    LogLine,
+    MaintenanceResult,
+    MetadataOp,
+    NewRun,
+    Outcome,
+    QueueInfo,
+    QueueSpec,
+    Run,
+    RunEvent,
+    RunFilter,
+    TaskRecord,
+    WorkerInfo,
+)
+
+
+class Tx(ABC):
+    """One open transaction. Reads see its own writes."""
+
+    # --- registry -------------------------------------------------------------------------
+    @abstractmethod
+    def task_upsert_many(self, environment: str, tasks: Sequence[TaskRecord]) -> None: ...
+
+    @abstractmethod
+    def task_get(self, environment: str, task_id: str) -> TaskRecord | None:
+        """The most recently registered definition of the task in the environment."""
+
+    @abstractmethod
+    def task_list(self, environment: str) -> list[TaskRecord]: ...
+
+    @abstractmethod
+    def queue_upsert_many(self, environment: str, queues: Sequence[QueueSpec]) -> None:
+        """Limits come from code; pause state is left as it is."""
+
+    @abstractmethod
+    def queue_get(self, environment: str, name: str) -> QueueInfo | None: ...
+
+    @abstractmethod
+    def queue_list(self, environment: str) -> list[QueueInfo]: ...
+
+    @abstractmethod
+    def queue_set_paused(self, environment: str, name: str, paused: bool) -> QueueInfo | None: ...
+
+    # --- runs: the lifecycle --------------------------------------------------------------
+    @abstractmethod
+    def run_insert_many(self, environment: str, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        """Insert runs; a live idempotency key returns the existing run. -> [(run id, created)]."""
+
+    @abstractmethod
+    def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        """Start up to `request.limit` runs: candidates in sort order, then admission checks
+        (pause, queue limit, per-key limit) that take slots in this transaction."""
+
+    @abstractmethod
+    def run_settle_many(self, environment: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Apply what workers report. An outcome whose lease no longer matches is refused (False)."""
+
+    @abstractmethod
+    def run_heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
+        """Renew the leases of every run the worker holds, in one statement."""
+
+    @abstractmethod
+    def run_cancel(self, environment: str, run_id: str) -> CancelResult: ...
+
+    @abstractmethod
+    def run_reschedule(self, environment: str, run_id: str, available_at: float) -> Run: ...
+
+    @abstractmethod
+    def run_maintain(self, limit: int = 500, since: float | None = None) -> MaintenanceResult:
+        """Time-driven transitions, all environments: DELAYED -> QUEUED when due, QUEUED past
+        ttl -> EXPIRED, expired leases -> retry or CRASHED. Idempotent; any number may run."""
+
+    # --- runs: reads -------------------------------------------------------------------------
+    @abstractmethod
+    def run_get(self, environment: str, run_id: str) -> Run | None: ...
+
+    @abstractmethod
+    def run_status_many(self, environment: str, run_ids: Sequence[str]) -> dict[str, str]: ...
+
+    @abstractmethod
+    def run_list(self, environment: str, flt: RunFilter) -> list[Run]: ...
+
+    @abstractmethod
+    def attempt_list(self, run_id: str) -> list[Attempt]: ...
+
+    @abstractmethod
+    def event_list(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[RunEvent]: ...
+
+    @abstractmethod
+    def log_list(self, run_id: str, limit: int = 10_000) -> list[LogLine]: ...
+
+    @abstractmethod
+    def run_cancel_requested(self, worker_id: str) -> list[str]:
+        """Runs this worker holds whose cancellation was asked for."""
+
+    # --- writes a worker makes while a run executes (fenced by lease) -------------------------
+    @abstractmethod
+    def log_append_many(self, lines: Sequence[LogLine]) -> int:
+        """Append log lines whose run's lease still matches. -> lines written."""
+
+    @abstractmethod
+    def metadata_apply(
+        self, run_id: str, ops: Sequence[MetadataOp], lease_token: str | None = None
+    ) -> dict[str, object] | None:
+        """Apply operations in SQL (no lost updates). With a lease token, refused (None) unless
+        it still matches. Returns the new metadata."""
+
+    # --- workers -------------------------------------------------------------------------------
+    @abstractmethod
+    def worker_register(self, worker: WorkerInfo) -> None: ...
+
+    @abstractmethod
+    def worker_deregister(self, worker_id: str) -> None: ...
+
+    @abstractmethod
+    def worker_list(self, environment: str | None = None, live_within: float = 30.0) -> list[WorkerInfo]: ...
+
+
+class Store(ABC):
+    """A database holding runs. Safe to share between threads; each thread gets its own
+    connection. Processes share state only through the database."""
+
+    clock: Clock
+    location: str  # a printable name of the database (file path or URL without password)
+    dialect: str
+
+    @contextmanager
+    @abstractmethod
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE). Commits on success."""
+        yield  # type: ignore[misc]
+
+    @contextmanager
+    @abstractmethod
+    def read(self) -> Iterator[Tx]:
+        """A read-only snapshot. Write methods must not be called on it."""
+        yield  # type: ignore[misc]
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+
+    @abstractmethod
+    def change_token(self) -> int:
+        """A number that changes when another connection commits (cheap; for polling)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,909 @@
+"""The SQLite transaction: every run-lifecycle statement Conveyor issues on SQLite.
+
+Lists of ids travel as one JSON array parameter (`json_each(?)`), so each statement's text is
+fixed. Status guards live in the WHERE clauses: a statement that finds the run in another
+status (or held under another lease) changes nothing and the caller is told.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from conveyor.core.backoff import RetryPolicy
+from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound
+from conveyor.core.records import (
+    Attempt,
+    CancelResult,
+    ClaimedRun,
+    ClaimRequest,
+    HeartbeatResult,
+    LogLine,
+    MaintenanceResult,
+    MetadataOp,
+    NewRun,
+    Outcome,
+    OutcomeKind,
+    QueueInfo,
+    QueueSpec,
+    Run,
+    RunEvent,
+    RunFilter,
+    TaskRecord,
+    WorkerInfo,
+)
+from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
+from conveyor.store.base import Tx
+
+_STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
+_WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
+
+RUN_COLUMNS = (
+    "id, environment, task_id, queue, status, payload, output, error, attempt_count, max_attempts, "
+    "tags, metadata, idempotency_key, concurrency_key, priority, machine, version, parent_id, root_id, "
+    "batch_id, created_at, available_at, started_at, finished_at, updated_at, ttl, max_duration, "
+    "executed_seconds, cancel_requested, worker_id, retry, key_limit, queue_slot, idempotency_key_ttl"
+)
+
+INSERT_RUN = """
+INSERT INTO runs (id, environment, task_id, queue, status, payload, available_at, priority, sort_key,
+    ttl, expires_at, max_attempts, retry, max_duration, concurrency_key, key_limit, queue_slot,
+    idempotency_key, idempotency_key_ttl, tags, metadata, machine, version, parent_id, root_id,
+    batch_id, trace_context, event_seq, created_at, queued_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
+"""
+
+INSERT_EVENT = "INSERT INTO run_events (run_id, seq, attempt, kind, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+
+CLAIM_CANDIDATES = """
+SELECT id, concurrency_key, key_limit, queue_slot FROM runs
+WHERE environment = ?1 AND queue = ?2 AND status = 'QUEUED' AND available_at <= ?3
+  AND machine = ?4 AND (?5 IS NULL OR version IS NULL OR version = ?5)
+  AND task_id IN (SELECT value FROM json_each(?6))
+  AND (concurrency_key IS NULL OR concurrency_key NOT IN (SELECT value FROM json_each(?7)))
+  AND (queue_slot = 0 OR ?8 > 0)
+  AND id NOT IN (SELECT value FROM json_each(?9))
+ORDER BY sort_key, id
+LIMIT ?10
+"""
+
+CLAIM_UPDATE = """
+UPDATE runs SET status = 'EXECUTING', worker_id = ?1, lease_token = ?2, lease_expires_at = ?3,
+    attempt_count = attempt_count + 1, started_at = coalesce(started_at, ?4), expires_at = NULL,
+    segment_started_at = ?4, executed_seconds = 0, version = coalesce(version, ?5),
+    event_seq = event_seq + 1, updated_at = ?4
+WHERE id IN (SELECT value FROM json_each(?6)) AND status = 'QUEUED'
+RETURNING id, task_id, queue, payload, attempt_count, max_attempts, retry, max_duration,
+    executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
+    parent_id, root_id, batch_id, created_at, started_at, event_seq
+"""
+
+# Finishing an execution segment: the lease must still match. ?1 now.
+SETTLE_FINAL = """
+UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?1,
+    executed_seconds = executed_seconds + max(0, ?1 - coalesce(segment_started_at, ?1)),
+    worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
+    event_seq = event_seq + 1, updated_at = ?1
+WHERE id = ?5 AND lease_token = ?6 AND status = 'EXECUTING'
+RETURNING event_seq, attempt_count, environment, task_id, idempotency_key
+"""
+
+SETTLE_RETRY = """
+UPDATE runs SET status = 'QUEUED', error = ?2, available_at = ?3, sort_key = ?3 - priority,
+    executed_seconds = executed_seconds + max(0, ?1 - coalesce(segment_started_at, ?1)),
+    worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
+    event_seq = event_seq + 1, updated_at = ?1
+WHERE id = ?4 AND lease_token = ?5 AND status = 'EXECUTING'
+RETURNING event_seq, attempt_count, environment, task_id, idempotency_key
+"""
+
+SETTLE_RELEASE = """
+UPDATE runs SET status = 'QUEUED', attempt_count = attempt_count - 1,
+    worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
+    event_seq = event_seq + 1, updated_at = ?1
+WHERE id = ?2 AND lease_token = ?3 AND status = 'EXECUTING'
+RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
+"""
+
+FINISH_ATTEMPT = "UPDATE attempts SET status = ?, error = ?, finished_at = ? WHERE run_id = ? AND number = ?"
+
+LOG_INSERT = """
+INSERT INTO run_logs (run_id, attempt, ts, level, message, attributes)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6
+WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_token = ?7 AND status = 'EXECUTING')
+"""
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _json_path(key: str) -> str:
+    if not key or '"' in key or "\\" in key:
+        raise InvalidOptions(f"metadata key {key!r} must be non-empty and contain no quotes or backslashes")
+    return f'$."{key}"'
+
+
+def _row_to_run(row: sqlite3.Row | tuple[Any, ...]) -> Run:
+    (
+        id_,
+        env,
+        task_id,
+        queue,
+        status,
+        payload,
+        output,
+        error,
+        attempts,
+        max_attempts,
+        tags,
+        metadata,
+        idem,
+        ckey,
+        priority,
+        machine,
+        version,
+        parent_id,
+        root_id,
+        batch_id,
+        created_at,
+        available_at,
+        started_at,
+        finished_at,
+        updated_at,
+        ttl,
+        max_duration,
+        executed,
+        cancel_requested,
+        worker_id,
+        retry,
+        key_limit,
+        queue_slot,
+        idempotency_key_ttl,
+    ) = row
+    return Run(
+        id=id_,
+        environment=env,
+        task_id=task_id,
+        queue=queue,
+        status=RunStatus(status),
+        payload=_loads(payload),
+        output=_loads(output),
+        error=_loads(error),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        tags=_loads(tags) or [],
+        metadata=_loads(metadata) or {},
+        idempotency_key=idem,
+        concurrency_key=ckey,
+        priority=priority,
+        machine=machine,
+        version=version,
+        parent_id=parent_id,
+        root_id=root_id,
+        batch_id=batch_id,
+        created_at=created_at,
+        available_at=available_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        updated_at=updated_at,
+        ttl=ttl,
+        max_duration=max_duration,
+        executed_seconds=executed,
+        cancel_requested=bool(cancel_requested),
+        worker_id=worker_id,
+        retry=_loads(retry),
+        key_limit=key_limit,
+        queue_slot=bool(queue_slot),
+        idempotency_key_ttl=idempotency_key_ttl,
+    )
+
+
+class SQLiteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()
+
+    # --- registry -------------------------------------------------------------------------
+    def _ensure_environment(self, environment: str) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO environments (name, created_at) VALUES (?, ?)", (environment, self.now)
+        )
+
+    def task_upsert_many(self, environment: str, tasks: Sequence[TaskRecord]) -> None:
+        self._ensure_environment(environment)
+        self.conn.executemany(
+            """INSERT INTO tasks (environment, task_id, version, queue, machine, options, payload_schema,
+                   code_hash, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (environment, task_id, version) DO UPDATE SET queue = excluded.queue,
+                   machine = excluded.machine, options = excluded.options,
+                   payload_schema = excluded.payload_schema, code_hash = excluded.code_hash,
+                   updated_at = excluded.updated_at""",
+            [
+                (
+                    environment,
+                    t.task_id,
+                    t.version,
+                    t.queue,
+                    t.machine,
+                    json.dumps(t.options),
+                    _dumps(t.payload_schema),
+                    t.code_hash,
+                    self.now,
+                )
+                for t in tasks
+            ],
+        )
+
+    def task_get(self, environment: str, task_id: str) -> TaskRecord | None:
+        row = self._one(
+            """SELECT task_id, queue, machine, options, payload_schema, code_hash, version, updated_at
+               FROM tasks WHERE environment = ? AND task_id = ? ORDER BY updated_at DESC LIMIT 1""",
+            (environment, task_id),
+        )
+        return None if row is None else self._task(row)
+
+    def task_list(self, environment: str) -> list[TaskRecord]:
+        rows = self._all(
+            """SELECT task_id, queue, machine, options, payload_schema, code_hash, version, max(updated_at)
+               FROM tasks WHERE environment = ? GROUP BY task_id ORDER BY task_id""",
+            (environment,),
+        )
+        return [self._task(r) for r in rows]
+
+    @staticmethod
+    def _task(row: tuple[Any, ...]) -> TaskRecord:
+        task_id, queue, machine, options, schema, code_hash, version, updated_at = row
+        return TaskRecord(
+            task_id=task_id,
+            queue=queue,
+            machine=machine,
+            options=json.loads(options),
+            payload_schema=_loads(schema),
+            code_hash=code_hash,
+            version=version,
+            updated_at=updated_at,
+        )
+
+    def queue_upsert_many(self, environment: str, queues: Sequence[QueueSpec]) -> None:
+        self._ensure_environment(environment)
+        self.conn.executemany(
+            """INSERT INTO queues (environment, name, concurrency_limit, paused, updated_at)
+               VALUES (?, ?, ?, 0, ?)
+               ON CONFLICT (environment, name) DO UPDATE SET
+                   concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at""",
+            [(environment, q.name, q.concurrency_limit, self.now) for q in queues],
+        )
+
+    _QUEUE_STATS = """
+        SELECT q.name, q.concurrency_limit, q.paused,
+            (SELECT count(*) FROM runs r WHERE r.environment = q.environment AND r.queue = q.name
+                AND r.status = 'QUEUED'),
+            (SELECT count(*) FROM runs r WHERE r.environment = q.environment AND r.queue = q.name
+                AND r.status = 'EXECUTING'),
+            (SELECT count(*) FROM runs r WHERE r.environment = q.environment AND r.queue = q.name
+                AND r.status = 'DELAYED')
+        FROM queues q WHERE q.environment = ?1"""
+
+    def queue_get(self, environment: str, name: str) -> QueueInfo | None:
+        row = self._one(self._QUEUE_STATS + " AND q.name = ?2", (environment, name))
+        return None if row is None else self._queue_info(environment, row)
+
+    def queue_list(self, environment: str) -> list[QueueInfo]:
+        # Queues that only exist because runs name them are listed too.
+        rows = self._all(self._QUEUE_STATS + " ORDER BY q.name", (environment,))
+        known = {r[0] for r in rows}
+        extra = self._all(
+            """SELECT queue, NULL, 0,
+                   sum(status = 'QUEUED'), sum(status = 'EXECUTING'), sum(status = 'DELAYED')
+               FROM runs WHERE environment = ? AND status IN ('QUEUED', 'EXECUTING', 'DELAYED')
+               GROUP BY queue""",
+            (environment,),
+        )
+        rows += [r for r in extra if r[0] not in known]
+        return sorted((self._queue_info(environment, r) for r in rows), key=lambda q: q.name)
+
+    def _queue_info(self, environment: str, row: tuple[Any, ...]) -> QueueInfo:
+        name, limit, paused, queued, running, delayed = row
+        info = QueueInfo(
+            name=name,
+            concurrency_limit=limit,
+            paused=bool(paused),
+            queued=queued or 0,
+            running=running or 0,
+            delayed=delayed or 0,
+        )
+        if info.queued:
+            info.unservable = self._unservable(environment, name)
+        return info
+
+    def _unservable(self, environment: str, queue: str) -> int:
+        """Queued runs that no live worker can serve (its machine or version is missing)."""
+        workers = self.worker_list(environment)
+        servers = [(w.machine, w.version) for w in workers if not w.queues or queue in w.queues]
+        if not servers:
+            return int(
+                self._one(
+                    "SELECT count(*) FROM runs WHERE environment = ? AND queue = ? AND status = 'QUEUED'",
+                    (environment, queue),
+                )[0]
+            )
+        rows = self._all(
+            """SELECT machine, version, count(*) FROM runs WHERE environment = ? AND queue = ?
+               AND status = 'QUEUED' GROUP BY machine, version""",
+            (environment, queue),
+        )
+        return sum(
+            n
+            for machine, version, n in rows
+            if not any(m == machine and (v is None or version is None or v == version) for m, v in servers)
+        )
+
+    def queue_set_paused(self, environment: str, name: str, paused: bool) -> QueueInfo | None:
+        self._ensure_environment(environment)
+        self.conn.execute(
+            """INSERT INTO queues (environment, name, concurrency_limit, paused, updated_at)
+               VALUES (?, ?, NULL, ?, ?)
+               ON CONFLICT (environment, name) DO UPDATE SET paused = excluded.paused,
+                   updated_at = excluded.updated_at""",
+            (environment, name, int(paused), self.now),
+        )
+        return self.queue_get(environment, name)
+
+    # --- runs: insert ------------------------------------------------------------------------
+    def run_insert_many(self, environment: str, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        now = self.now
+        results: list[tuple[str, bool]] = []
+        fresh: list[NewRun] = []
+        seen_keys: dict[tuple[str, str], str] = {}
+        for run in runs:
+            if run.idempotency_key is not None:
+                key = (run.task_id, run.idempotency_key)
+                existing = seen_keys.get(key) or self._live_key_owner(environment, *key)
+                if existing is not None:
+                    seen_keys[key] = existing
+                    results.append((existing, False))
+                    continue
+                seen_keys[key] = run.id
+                ttl = run.idempotency_key_ttl if run.idempotency_key_ttl is not None else 30 * 86400
+                self.conn.execute(
+                    """INSERT INTO idempotency_keys (environment, task_id, key, run_id, expires_at)
+                       VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT (environment, task_id, key) DO UPDATE SET run_id = excluded.run_id,
+                           expires_at = excluded.expires_at""",
+                    (environment, run.task_id, run.idempotency_key, run.id, now + ttl),
+                )
+            fresh.append(run)
+            results.append((run.id, True))
+        if not fresh:
+            return results
+        self.conn.executemany(
+            INSERT_RUN,
+            [
+                (
+                    r.id,
+                    environment,
+                    r.task_id,
+                    r.queue,
+                    r.status.value,
+                    r.payload,
+                    r.available_at,
+                    r.priority,
+                    r.available_at - r.priority,
+                    r.ttl,
+                    now + r.ttl if r.ttl is not None and r.status is RunStatus.QUEUED else None,
+                    r.max_attempts,
+                    _dumps(r.retry),
+                    r.max_duration,
+                    r.concurrency_key,
+                    r.key_limit,
+                    int(r.queue_slot),
+                    r.idempotency_key,
+                    r.idempotency_key_ttl,
+                    _dumps(r.tags) if r.tags else None,
+                    r.metadata,
+                    r.machine,
+                    r.version,
+                    r.parent_id,
+                    r.root_id,
+                    r.batch_id,
+                    r.trace_context,
+                    now,
+                    now if r.status is RunStatus.QUEUED else None,
+                    now,
+                )
+                for r in fresh
+            ],
+        )
+        self.conn.executemany(
+            INSERT_EVENT,
+            [(r.id, 1, None, "status", _STATUS_EVENT[r.status], now) for r in fresh],
+        )
+        tagged = [(environment, tag, r.id) for r in fresh for tag in r.tags]
+        if tagged:
+            self.conn.executemany("INSERT OR IGNORE INTO run_tags (environment, tag, run_id) VALUES (?, ?, ?)", tagged)
+        return results
+
+    def _live_key_owner(self, environment: str, task_id: str, key: str) -> str | None:
+        row = self._one(
+            """SELECT k.run_id, k.expires_at, r.status FROM idempotency_keys k
+               LEFT JOIN runs r ON r.id = k.run_id
+               WHERE k.environment = ? AND k.task_id = ? AND k.key = ?""",
+            (environment, task_id, key),
+        )
+        if row is None or row[2] is None:
+            return None
+        run_id, expires_at, status = row
+        status = RunStatus(status)
+        if not status.finished or expires_at > self.now:
+            return str(run_id)
+        return None
+
+    # --- runs: claim -------------------------------------------------------------------------
+    def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        now = self.now
+        picked: list[str] = []
+        tasks_json = json.dumps(request.task_ids)
+        for queue in request.queues:
+            remaining = request.limit - len(picked)
+            if remaining <= 0:
+                break
+            picked += self._pick(request, queue, remaining, tasks_json)
+        if not picked:
+            return []
+        token = os.urandom(8).hex()
+        rows = self._all(
+            CLAIM_UPDATE,
+            (request.worker_id, token, now + request.lease_seconds, now, request.version, json.dumps(picked)),
+        )
+        order = {run_id: i for i, run_id in enumerate(picked)}
+        rows.sort(key=lambda r: order[r[0]])
+        self.conn.executemany(
+            """INSERT OR REPLACE INTO attempts (run_id, number, worker_id, lease_token, status, started_at)
+               VALUES (?, ?, ?, ?, 'EXECUTING', ?)""",
+            [(r[0], r[4], request.worker_id, token, now) for r in rows],
+        )
+        executing = _STATUS_EVENT[RunStatus.EXECUTING]
+        self.conn.executemany(INSERT_EVENT, [(r[0], r[20], r[4], "status", executing, now) for r in rows])
+        return [
+            ClaimedRun(
+                id=r[0],
+                task_id=r[1],
+                queue=r[2],
+                payload=r[3],
+                attempt=r[4],
+                lease_token=token,
+                max_attempts=r[5],
+                retry=_loads(r[6]),
+                max_duration=r[7],
+                executed_seconds=r[8],
+                tags=_loads(r[9]) or [],
+                metadata=_loads(r[10]) or {},
+                concurrency_key=r[11],
+                idempotency_key=r[12],
+                machine=r[13],
+                version=r[14],
+                parent_id=r[15],
+                root_id=r[16],
+                batch_id=r[17],
+                created_at=r[18],
+                started_at=r[19],
+            )
+            for r in rows
+        ]
+
+    def _pick(self, request: ClaimRequest, queue: str, want: int, tasks_json: str) -> list[str]:
+        """Admission checks for one queue: paused, the queue's slots, each key's slots."""
+        env = request.environment
+        row = self._one("SELECT concurrency_limit, paused FROM queues WHERE environment = ? AND name = ?", (env, queue))
+        limit, paused = (row[0], row[1]) if row else (None, 0)
+        if paused:
+            return []
+        if limit is None:
+            queue_free = want
+        else:
+            running = self._one(
+                """SELECT count(*) FROM runs WHERE environment = ? AND queue = ? AND status = 'EXECUTING'
+                   AND queue_slot = 1""",
+                (env, queue),
+            )[0]
+            queue_free = limit - running
+        picked: list[str] = []
+        full_keys: list[str] = []
+        key_running: dict[str, int] = {}
+        while len(picked) < want:
+            window = want - len(picked)
+            candidates = self._all(
+                CLAIM_CANDIDATES,
+                (
+                    env,
+                    queue,
+                    self.now,
+                    request.machine,
+                    request.version,
+                    tasks_json,
+                    json.dumps(full_keys),
+                    queue_free,
+                    json.dumps(picked),
+                    window,
+                ),
+            )
+            progress = False
+            for run_id, key, key_limit, queue_slot in candidates:
+                if queue_slot and queue_free <= 0:
+                    continue
+                if key is not None:
+                    if key in full_keys:
+                        continue
+                    if key not in key_running:
+                        key_running[key] = self._one(
+                            """SELECT count(*) FROM runs WHERE environment = ? AND queue = ?
+                               AND concurrency_key = ? AND status = 'EXECUTING'""",
+                            (env, queue, key),
+                        )[0]
+                    if key_limit is not None and key_running[key] >= key_limit:
+                        full_keys.append(key)
+                        progress = True
+                        continue
+                    key_running[key] += 1
+                picked.append(run_id)
+                progress = True
+                if queue_slot:
+                    queue_free -= 1
+                if len(picked) >= want:
+                    break
+            if len(candidates) < window or not progress:
+                break
+        return picked
+
+    # --- runs: settle ------------------------------------------------------------------------
+    def run_settle_many(self, environment: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        return [self._settle(o, attempt_status=None) for o in outcomes]
+
+    def _settle(self, o: Outcome, attempt_status: str | None) -> bool:
+        now = self.now
+        error = _dumps(o.error)
+        if o.kind == OutcomeKind.COMPLETED:
+            status = RunStatus.COMPLETED
+            row = self._one(SETTLE_FINAL, (now, status.value, o.output, None, o.run_id, o.lease_token))
+        elif o.kind == OutcomeKind.RETRY:
+            status = RunStatus.QUEUED
+            row = self._one(SETTLE_RETRY, (now, error, o.retry_at, o.run_id, o.lease_token))
+        elif o.kind == OutcomeKind.FAILED:
+            status = o.status
+            row = self._one(SETTLE_FINAL, (now, status.value, None, error, o.run_id, o.lease_token))
+        elif o.kind == OutcomeKind.RELEASED:
+            status = RunStatus.QUEUED
+            row = self._one(SETTLE_RELEASE, (now, o.run_id, o.lease_token))
+        else:
+            raise ValueError(f"unknown outcome kind {o.kind!r}")
+        if row is None:
+            return False
+        seq, attempt, environment, task_id, idem = row
+        if o.kind == OutcomeKind.RELEASED:
+            self.conn.execute("DELETE FROM attempts WHERE run_id = ? AND number = ?", (o.run_id, attempt))
+        else:
+            if attempt_status is None:
+                attempt_status = (
+                    "COMPLETED"
+                    if status is RunStatus.COMPLETED
+                    else ("FAILED" if status is RunStatus.QUEUED else status.value)
+                )
+            self.conn.execute(FINISH_ATTEMPT, (attempt_status, error, now, o.run_id, attempt))
+        data = (
+            _STATUS_EVENT[status]
+            if o.kind != OutcomeKind.RETRY
+            else json.dumps({"status": "QUEUED", "retry_at": o.retry_at})
+        )
+        self.conn.execute(INSERT_EVENT, (o.run_id, seq, attempt, "status", data, now))
+        if idem is not None and status in FREES_IDEMPOTENCY_KEY:
+            self._free_key(environment, task_id, idem, o.run_id)
+        return True
+
+    def _free_key(self, environment: str, task_id: str, key: str, run_id: str) -> None:
+        self.conn.execute(
+            "DELETE FROM idempotency_keys WHERE environment = ? AND task_id = ? AND key = ? AND run_id = ?",
+            (environment, task_id, key, run_id),
+        )
+
+    def run_heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
+        rows = self._all(
+            """UPDATE runs SET lease_expires_at = ? WHERE worker_id = ? AND status = 'EXECUTING'
+               RETURNING id, lease_token, cancel_requested""",
+            (self.now + lease_seconds, worker_id),
+        )
+        self.conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ?", (self.now, worker_id))
+        return HeartbeatResult(renewed={r[0]: r[1] for r in rows}, cancel_requested=[r[0] for r in rows if r[2]])
+
+    def run_cancel_requested(self, worker_id: str) -> list[str]:
+        return [
+            r[0]
+            for r in self._all(
+                "SELECT id FROM runs WHERE worker_id = ? AND status = 'EXECUTING' AND cancel_requested = 1",
+                (worker_id,),
+            )
+        ]
+
+    # --- runs: cancel, reschedule --------------------------------------------------------------
+    def run_cancel(self, environment: str, run_id: str) -> CancelResult:
+        run = self.run_get(environment, run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id} in environment {environment!r}")
+        if run.status.finished:
+            return CancelResult(run=run, stopping=False)
+        if run.status is RunStatus.EXECUTING:
+            self.conn.execute(
+                "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'EXECUTING'",
+                (self.now, run_id),
+            )
+            row = self._one("SELECT address FROM workers WHERE id = ?", (run.worker_id,))
+            run.cancel_requested = True
+            return CancelResult(run=run, stopping=True, worker_address=row[0] if row else None)
+        row = self._one(
+            """UPDATE runs SET status = 'CANCELED', finished_at = ?1, expires_at = NULL,
+                   event_seq = event_seq + 1, updated_at = ?1
+               WHERE id = ?2 AND status IN ('QUEUED', 'DELAYED', 'WAITING') RETURNING event_seq""",
+            (self.now, run_id),
+        )
+        if row is None:  # pragma: no cover - the status changed under us; impossible in one tx
+            raise InvalidTransition(f"run {run_id} changed status while being canceled")
+        self.conn.execute(
+            INSERT_EVENT, (run_id, row[0], run.attempts or None, "status", _STATUS_EVENT[RunStatus.CANCELED], self.now)
+        )
+        updated = self.run_get(environment, run_id)
+        assert updated is not None
+        return CancelResult(run=updated, stopping=False)
+
+    def run_reschedule(self, environment: str, run_id: str, available_at: float) -> Run:
+        row = self._one(
+            """UPDATE runs SET available_at = ?1, sort_key = ?1 - priority, updated_at = ?2
+               WHERE id = ?3 AND environment = ?4 AND status = 'DELAYED' RETURNING id""",
+            (available_at, self.now, run_id, environment),
+        )
+        if row is None:
+            run = self.run_get(environment, run_id)
+            if run is None:
+                raise RunNotFound(f"no run {run_id} in environment {environment!r}")
+            raise InvalidTransition(f"run {run_id} is {run.status.value}; only a DELAYED run can be rescheduled")
+        run = self.run_get(environment, run_id)
+        assert run is not None
+        return run
+
+    # --- maintenance ---------------------------------------------------------------------------
+    def run_maintain(self, limit: int = 500, since: float | None = None) -> MaintenanceResult:
+        now = self.now
+        result = MaintenanceResult()
+        promoted = self._all(
+            """UPDATE runs SET status = 'QUEUED', queued_at = ?1,
+                   expires_at = CASE WHEN ttl IS NULL THEN NULL ELSE ?1 + ttl END,
+                   event_seq = event_seq + 1, updated_at = ?1
+               WHERE id IN (SELECT id FROM runs WHERE status = 'DELAYED' AND available_at <= ?1
+                            ORDER BY available_at LIMIT ?2)
+               RETURNING id, event_seq, queue""",
+            (now, limit),
+        )
+        queued = _STATUS_EVENT[RunStatus.QUEUED]
+        self.conn.executemany(INSERT_EVENT, [(r[0], r[1], None, "status", queued, now) for r in promoted])
+        result.promoted = len(promoted)
+        result.changed_queues.update(r[2] for r in promoted)
+
+        expired = self._all(
+            """UPDATE runs SET status = 'EXPIRED', finished_at = ?1, expires_at = NULL,
+                   error = '{"code":"EXPIRED","message":"not started within its ttl"}',
+                   event_seq = event_seq + 1, updated_at = ?1
+               WHERE id IN (SELECT id FROM runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
+                            AND expires_at <= ?1 LIMIT ?2)
+               RETURNING id, event_seq, environment, task_id, idempotency_key""",
+            (now, limit),
+        )
+        expired_event = _STATUS_EVENT[RunStatus.EXPIRED]
+        for run_id, seq, env, task_id, idem in expired:
+            self.conn.execute(INSERT_EVENT, (run_id, seq, None, "status", expired_event, now))
+            if idem is not None:
+                self._free_key(env, task_id, idem, run_id)
+        result.expired = len(expired)
+
+        lost = self._all(
+            """SELECT id, lease_token, attempt_count, max_attempts, retry, cancel_requested, queue
+               FROM runs WHERE status = 'EXECUTING' AND lease_expires_at < ? LIMIT ?""",
+            (now, limit),
+        )
+        for run_id, token, attempt, max_attempts, retry, cancel_requested, queue in lost:
+            if cancel_requested:
+                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CANCELED)
+            elif attempt < max_attempts:
+                delay = RetryPolicy.from_dict(_loads(retry)).delay_after(attempt)
+                outcome = Outcome(run_id, token, OutcomeKind.RETRY, error=_WORKER_LOST, retry_at=now + delay)
+            else:
+                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CRASHED)
+            if self._settle(outcome, attempt_status="WORKER_LOST"):
+                result.recovered += 1
+                result.changed_queues.add(queue)
+
+        if since is not None:
+            result.became_due = self._one(
+                """SELECT count(*) FROM runs WHERE status = 'QUEUED' AND available_at > ? AND available_at <= ?""",
+                (since, now),
+            )[0]
+        result.next_due = self._one(
+            """SELECT min(t) FROM (
+                   SELECT min(available_at) AS t FROM runs WHERE status = 'DELAYED'
+                   UNION ALL SELECT min(available_at) FROM runs WHERE status = 'QUEUED' AND available_at > ?1
+                   UNION ALL SELECT min(expires_at) FROM runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
+                   UNION ALL SELECT min(lease_expires_at) FROM runs WHERE status = 'EXECUTING')""",
+            (now,),
+        )[0]
+        return result
+
+    # --- reads ---------------------------------------------------------------------------------
+    def run_get(self, environment: str, run_id: str) -> Run | None:
+        row = self._one(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ? AND environment = ?", (run_id, environment))
+        return None if row is None else _row_to_run(row)
+
+    def run_status_many(self, environment: str, run_ids: Sequence[str]) -> dict[str, str]:
+        rows = self._all(
+            "SELECT id, status FROM runs WHERE environment = ? AND id IN (SELECT value FROM json_each(?))",
+            (environment, json.dumps(list(run_ids))),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def run_list(self, environment: str, flt: RunFilter) -> list[Run]:
+        where = ["environment = ?"]
+        params: list[Any] = [environment]
+        if flt.task:
+            where.append("task_id = ?")
+            params.append(flt.task)
+        if flt.status:
+            where.append("status IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps([RunStatus(s).value for s in flt.status]))
+        if flt.tags:
+            where.append(
+                "id IN (SELECT run_id FROM run_tags WHERE environment = ? AND tag IN (SELECT value FROM json_each(?)))"
+            )
+            params += [environment, json.dumps(flt.tags)]
+        for column, value, op in (
+            ("created_at", flt.created_after, ">"),
+            ("created_at", flt.created_before, "<"),
+            ("batch_id", flt.batch_id, "="),
+            ("parent_id", flt.parent_id, "="),
+        ):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                params.append(value)
+        if flt.cursor:
+            where.append("id < ?")
+            params.append(flt.cursor)
+        params.append(max(1, min(flt.limit, 1000)))
+        rows = self._all(f"SELECT {RUN_COLUMNS} FROM runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", params)
+        return [_row_to_run(r) for r in rows]
+
+    def attempt_list(self, run_id: str) -> list[Attempt]:
+        rows = self._all(
+            """SELECT run_id, number, status, worker_id, started_at, finished_at, error FROM attempts
+               WHERE run_id = ? ORDER BY number""",
+            (run_id,),
+        )
+        return [Attempt(r[0], r[1], r[2], r[3], r[4], r[5], _loads(r[6])) for r in rows]
+
+    def event_list(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[RunEvent]:
+        rows = self._all(
+            """SELECT run_id, seq, attempt, kind, data, created_at FROM run_events
+               WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?""",
+            (run_id, after_seq, limit),
+        )
+        return [RunEvent(r[0], r[1], r[2], r[3], _loads(r[4]), r[5]) for r in rows]
+
+    def log_list(self, run_id: str, limit: int = 10_000) -> list[LogLine]:
+        rows = self._all(
+            """SELECT run_id, attempt, ts, level, message, attributes FROM run_logs WHERE run_id = ?
+               ORDER BY id LIMIT ?""",
+            (run_id, limit),
+        )
+        return [LogLine(r[0], "", r[1], r[2], r[3], r[4], _loads(r[5])) for r in rows]
+
+    # --- fenced writes during execution ----------------------------------------------------------
+    def log_append_many(self, lines: Sequence[LogLine]) -> int:
+        before = self.conn.total_changes
+        self.conn.executemany(
+            LOG_INSERT,
+            [
+                (ln.run_id, ln.attempt, ln.ts, ln.level, ln.message, _dumps(ln.attributes), ln.lease_token)
+                for ln in lines
+            ],
+        )
+        return self.conn.total_changes - before
+
+    def metadata_apply(
+        self, run_id: str, ops: Sequence[MetadataOp], lease_token: str | None = None
+    ) -> dict[str, object] | None:
+        guard = "id = ?" + (" AND lease_token = ? AND status = 'EXECUTING'" if lease_token else "")
+        guard_params: tuple[Any, ...] = (run_id, lease_token) if lease_token else (run_id,)
+        row = None
+        params: tuple[Any, ...]
+        for op in ops:
+            path = _json_path(op.key)
+            value = json.dumps(op.value)
+            if op.op == "set":
+                expr, params = "json_set(coalesce(metadata, '{}'), ?, json(?))", (path, value)
+            elif op.op == "delete":
+                expr, params = "json_remove(coalesce(metadata, '{}'), ?)", (path,)
+            elif op.op == "increment":
+                if isinstance(op.value, bool) or not isinstance(op.value, int | float):
+                    raise InvalidOptions(f"metadata.increment needs a number, got {op.value!r}")
+                expr = "json_set(coalesce(metadata, '{}'), ?, coalesce(json_extract(metadata, ?), 0) + ?)"
+                params = (path, path, op.value)
+            elif op.op == "append":
+                expr = """CASE WHEN json_type(metadata, ?) = 'array'
+                          THEN json_insert(metadata, ? || '[#]', json(?))
+                          ELSE json_set(coalesce(metadata, '{}'), ?, json_array(json(?))) END"""
+                params = (path, path, value, path, value)
+            else:
+                raise InvalidOptions(f"unknown metadata operation {op.op!r}")
+            row = self._one(
+                f"UPDATE runs SET metadata = {expr}, event_seq = event_seq + 1, updated_at = ? "
+                f"WHERE {guard} RETURNING metadata, event_seq, attempt_count",
+                (*params, self.now, *guard_params),
+            )
+            if row is None:
+                return None
+            self.conn.execute(
+                INSERT_EVENT,
+                (
+                    run_id,
+                    row[1],
+                    row[2] or None,
+                    "metadata",
+                    json.dumps({"op": op.op, "key": op.key, "value": op.value}),
+                    self.now,
+                ),
+            )
+        if row is None:
+            found = self._one(f"SELECT metadata FROM runs WHERE {guard}", guard_params)
+            return None if found is None else (_loads(found[0]) or {})
+        return _loads(row[0]) or {}
+
+    # --- workers ---------------------------------------------------------------------------------
+    def worker_register(self, worker: WorkerInfo) -> None:
+        self._ensure_environment(worker.environment)
+        self.conn.execute(
+            """INSERT OR REPLACE INTO workers (id, environment, host, pid, address, queues, machine, version,
+                   started_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                worker.id,
+                worker.environment,
+                worker.host,
+                worker.pid,
+                worker.address,
+                json.dumps(worker.queues),
+                worker.machine,
+                worker.version,
+                self.now,
+                self.now,
+            ),
+        )
+        # Forget workers silent for a day: their runs were recovered long ago.
+        self.conn.execute("DELETE FROM workers WHERE last_seen_at < ?", (self.now - 86400,))
+
+    def worker_deregister(self, worker_id: str) -> None:
+        self.conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def worker_list(self, environment: str | None = None, live_within: float = 30.0) -> list[WorkerInfo]:
+        rows = self._all(
+            """SELECT id, environment, host, pid, address, queues, machine, version, started_at, last_seen_at
+               FROM workers WHERE (?1 IS NULL OR environment = ?1) AND last_seen_at >= ?2 ORDER BY started_at""",
+            (environment, self.now - live_within),
+        )
+        return [WorkerInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9]) for r in rows]

@@ -1,0 +1,1 @@
+"""The worker: claims runs, runs their code, heartbeats leases, reports outcomes."""

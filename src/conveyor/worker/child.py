@@ -1,0 +1,115 @@
+"""A pool child: runs sync tasks one at a time, for a parent worker that can stop it.
+
+Created by the multiprocessing forkserver, so it starts from a clean single-threaded process
+that has already imported the task modules. Everything crosses the pipe as plain data:
+payloads and outputs as JSON text, errors as {type, message, stack} — never pickled objects
+of user types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from typing import Any
+
+from conveyor.core.clock import SYSTEM_CLOCK
+from conveyor.core.records import ClaimedRun, MetadataOp
+from conveyor.sdk import client as client_module
+from conveyor.sdk import context, logs
+from conveyor.sdk.context import Execution
+from conveyor.sdk.registry import REGISTRY
+from conveyor.worker.attempt import CANCELED, RELEASED, TIMED_OUT, StopExecution, build_context, run_attempt
+
+# Signals the parent sends to stop the current run, and what each means.
+STOP_SIGNALS = {signal.SIGUSR1: CANCELED, signal.SIGUSR2: TIMED_OUT, signal.SIGHUP: RELEASED}
+SIGNAL_FOR = {reason: sig for sig, reason in STOP_SIGNALS.items()}
+
+_running = False
+
+
+def _on_stop(signum: int, _frame: Any) -> None:
+    if _running:
+        raise StopExecution(STOP_SIGNALS[signal.Signals(signum)])
+
+
+class PipeChannel:
+    """The run's channel inside a child: every write goes to the parent, which commits it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
+        self.conn.send(("log", level, message, attributes, ts))
+
+    def metadata(self, ops: list[MetadataOp]) -> None:
+        self.conn.send(("meta", [(op.op, op.key, op.value) for op in ops]))
+
+
+def main(conn: Connection, settings: dict[str, Any]) -> None:
+    global _running
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name in settings["modules"]:
+        importlib.import_module(name)
+    environment, log_level = settings["environment"], settings["log_level"]
+    # Never share the parent's client (and its SQLite connections) across processes: tasks
+    # that trigger tasks get a client of their own on the same database.
+    client_module.set_client(None)
+    client_module.configure(database_url=settings["database_url"], environment=environment)
+    logs.install_capture()
+    channel = PipeChannel(conn)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "exit":
+            return
+        _, run_fields = message
+        run = ClaimedRun(**run_fields)
+        task = REGISTRY.get(run.task_id)
+        ctx = build_context(task, run, environment)
+        execution = Execution(ctx=ctx, channel=channel, metadata=dict(run.metadata), log_level=log_level)
+        token = context.enter(execution)
+        _running = True
+        conn.send(("started",))
+        try:
+            outcome = asyncio.run(run_attempt(task, run, ctx, SYSTEM_CLOCK, _caller(task, ctx), lambda: None))
+        except StopExecution as stop:  # arrived outside the attempt's own handlers
+            outcome = None
+            conn.send(("stopped", stop.reason))
+            continue
+        finally:
+            _running = False
+            context.leave(token)
+        conn.send(("done", None if outcome is None else asdict(outcome)))
+
+
+def _caller(task: Any, ctx: Any) -> Any:
+    fn = task.fn
+
+    def call(payload: Any) -> Any:
+        if task.takes_ctx:
+            return fn(payload, ctx)
+        return fn(payload) if task.takes_payload else fn()
+
+    return call
+
+
+def entry(conn: Connection, settings: dict[str, Any]) -> None:
+    sys.path[:0] = [p for p in settings["path"] if p not in sys.path]
+    try:
+        main(conn, settings)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        logging.shutdown()
+        os._exit(0)

@@ -1,0 +1,469 @@
+"""The worker loop.
+
+One asyncio loop claims runs and executes them; one store thread does every transaction of
+the hot path (settle finished runs + claim new ones, in one commit when both are pending);
+one heartbeat thread renews leases, never behind the loop or user code (DECISIONS.md).
+Async tasks run on the loop; sync tasks run in a pool of child processes that can be stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from conveyor.core.backoff import RetryPolicy
+from conveyor.core.errors import ConveyorError
+from conveyor.core.ids import new_id
+from conveyor.core.records import (
+    DEFAULT_MACHINE,
+    ClaimedRun,
+    ClaimRequest,
+    HeartbeatResult,
+    LogLine,
+    MetadataOp,
+    Outcome,
+    OutcomeKind,
+    WorkerInfo,
+)
+from conveyor.core.status import RunStatus
+from conveyor.engine import Engine
+from conveyor.engine.notify import CANCEL, DELAYED, WakeSocket
+from conveyor.sdk import context, logs
+from conveyor.sdk.context import Execution
+from conveyor.sdk.serde import error_dict
+from conveyor.sdk.task import Task
+from conveyor.worker.attempt import CANCELED, LEASE_LOST, RELEASED, TIMED_OUT, build_context, run_attempt
+from conveyor.worker.pool import SyncPool
+
+log = logging.getLogger("conveyor.worker")
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerOptions:
+    concurrency: int = 10
+    queues: list[str] | None = None  # None: the queues of the worker's tasks
+    machine: str = DEFAULT_MACHINE
+    version: str | None = None
+    lease: float = 30.0
+    renew: float = 10.0
+    poll: float = 1.0  # fallback check for missed wake-ups (PRAGMA data_version)
+    shutdown_grace: float = 30.0
+    sync_mode: str = "process"  # "process": stoppable pool children; "thread": cannot be stopped
+    modules: list[str] = field(default_factory=list)
+    log_level: int = logging.INFO
+    database_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConveyorError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.sync_mode not in ("process", "thread"):
+            raise ConveyorError("sync_mode must be 'process' or 'thread'")
+        if not 0 < self.renew < self.lease:
+            raise ConveyorError("renew must be positive and shorter than the lease")
+
+
+@dataclass
+class _Running:
+    run: ClaimedRun
+    task: Task[Any, Any]
+    claimed_at: float
+    future: asyncio.Future[Any] | None = None
+    stopper: asyncio.Future[str] | None = None
+    reason: str | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+class _LocalChannel:
+    """A run's channel on the worker's own loop: writes join the next store transaction."""
+
+    def __init__(self, worker: Worker, run: ClaimedRun) -> None:
+        self.worker = worker
+        self.run = run
+
+    def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
+        self.worker._add_log(self.run, level, message, attributes, ts)
+
+    def metadata(self, ops: list[MetadataOp]) -> None:
+        self.worker._add_metadata(self.run, ops)
+
+
+class Worker:
+    def __init__(self, engine: Engine, tasks: list[Task[Any, Any]], options: WorkerOptions | None = None) -> None:
+        if not tasks:
+            raise ConveyorError("a worker needs at least one task (check --modules)")
+        self.engine = engine
+        self.options = options or WorkerOptions()
+        self.tasks = {t.id: t for t in tasks}
+        self.id = new_id("worker")
+        served = list(dict.fromkeys(t.queue.name for t in tasks))
+        if self.options.queues:
+            unknown = [q for q in self.options.queues if q not in served]
+            if unknown:
+                log.warning("no task of this worker uses queue(s) %s", ", ".join(unknown))
+            served = [q for q in self.options.queues if q in served]
+        self.queues = served
+        self.task_ids = [t.id for t in tasks if t.queue.name in served]
+        self.running: dict[str, _Running] = {}
+        self._outcomes: list[Outcome] = []
+        self._logs: list[LogLine] = []
+        self._metadata: list[tuple[str, str, list[MetadataOp]]] = []
+        self._claim_wanted = True
+        self._check_cancels = False
+        self._maintain_at = 0.0
+        self._last_maintain: float | None = None
+        self._stopping = False
+        self._release_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="conveyor-store")
+        self._heartbeat_stop = threading.Event()
+        self._last_renewal = time.monotonic()
+        self._rotation = 0
+        self._change_token: int | None = None
+        self._pool: SyncPool | None = None
+        self.started = threading.Event()
+        self.stats = {"claimed": 0, "settled": 0}
+
+    # --- public ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        logs.install_capture()
+        wake_socket = WakeSocket()
+        self._loop.add_reader(wake_socket.fileno(), self._on_datagram, wake_socket)
+        records = [self.engine_task_record(t) for t in self.tasks.values()]
+        await self._store(self.engine.register, records, [t.queue_spec() for t in self.tasks.values()])
+        await self._store(
+            self.engine.register_worker,
+            WorkerInfo(
+                id=self.id,
+                environment=self.engine.environment,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                address=wake_socket.address,
+                queues=self.queues,
+                machine=self.options.machine,
+                version=self.options.version,
+                started_at=0.0,
+                last_seen_at=0.0,
+            ),
+        )
+        self.engine.notifier.forget()
+        if any(not t.is_async for t in self.tasks.values()) and self.options.sync_mode == "process":
+            self._pool = SyncPool(self._child_settings(), self.options.modules)
+            await asyncio.to_thread(self._pool.prewarm)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="conveyor-heartbeat", daemon=True)
+        heartbeat.start()
+        self.started.set()
+        try:
+            await self._main_loop()
+        finally:
+            self._heartbeat_stop.set()
+            self._loop.remove_reader(wake_socket.fileno())
+            wake_socket.close()
+            with contextlib.suppress(Exception):
+                await self._store(self.engine.deregister_worker, self.id)
+            if self._pool is not None:
+                await asyncio.to_thread(self._pool.close)
+            self._store_thread.shutdown(wait=True)
+            heartbeat.join(timeout=5)
+
+    def request_stop(self, grace: float | None = None) -> None:
+        """Graceful: stop claiming, let running code finish within the grace period, then hand
+        the rest back (QUEUED, no attempt spent) so other workers take them at once."""
+        if self._loop is None:
+            return
+        grace = self.options.shutdown_grace if grace is None else grace
+
+        def stop() -> None:
+            deadline = time.monotonic() + grace
+            self._stopping = True
+            self._release_at = deadline if self._release_at is None else min(self._release_at, deadline)
+            self._poke()
+
+        self._loop.call_soon_threadsafe(stop)
+
+    def engine_task_record(self, task: Task[Any, Any]) -> Any:
+        from conveyor.sdk.client import get_client
+
+        record = get_client().task_record(task)
+        if self.options.version:
+            record.version = self.options.version
+        return record
+
+    # --- the loop -------------------------------------------------------------------------------
+    async def _main_loop(self) -> None:
+        assert self._wake is not None and self._loop is not None
+        while True:
+            self._wake.clear()
+            if self._stopping:
+                if self._release_at is not None and time.monotonic() >= self._release_at:
+                    for run_id in list(self.running):
+                        self._stop(run_id, RELEASED)
+                    self._release_at = float("inf")
+                if not self.running and not self._has_writes():
+                    return
+            if self._check_cancels:
+                self._check_cancels = False
+                for run_id in await self._store(self.engine.cancel_requested, self.id):
+                    self._stop(run_id, CANCELED)
+            if self._loop.time() >= self._maintain_at:
+                await self._maintain()
+            claim = self._claim_request()
+            if claim is not None or self._has_writes():
+                await self._exchange(claim)
+                continue
+            await self._idle()
+
+    def _claim_request(self) -> ClaimRequest | None:
+        free = self.options.concurrency - len(self.running)
+        if self._stopping or free <= 0 or not self._claim_wanted:
+            return None
+        self._rotation = (self._rotation + 1) % len(self.queues)
+        queues = self.queues[self._rotation :] + self.queues[: self._rotation]
+        return ClaimRequest(
+            environment=self.engine.environment,
+            worker_id=self.id,
+            queues=queues,
+            task_ids=self.task_ids,
+            limit=free,
+            lease_seconds=self.options.lease,
+            machine=self.options.machine,
+            version=self.options.version,
+        )
+
+    def _has_writes(self) -> bool:
+        return bool(self._outcomes or self._logs or self._metadata)
+
+    async def _exchange(self, claim: ClaimRequest | None) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        lines, self._logs = self._logs, []
+        metadata, self._metadata = self._metadata, []
+        self._claim_wanted = False
+        try:
+            accepted, claimed = await self._store(self.engine.exchange, outcomes, lines, claim, metadata)
+        except Exception as exc:
+            # Keep every write: nothing reported may be lost. Try again shortly.
+            log.error("store error, retrying: %s", exc)
+            self._outcomes[:0], self._logs[:0], self._metadata[:0] = outcomes, lines, metadata
+            self._claim_wanted = claim is not None
+            await asyncio.sleep(0.2)
+            return
+        for outcome, ok in zip(outcomes, accepted, strict=True):
+            if not ok:
+                log.warning("run %s: outcome refused, the lease was lost (another worker may own it)", outcome.run_id)
+        self.stats["settled"] += len(outcomes)
+        self.stats["claimed"] += len(claimed)
+        for run in claimed:
+            self._start(run)
+        if claim is not None and len(claimed) >= claim.limit:
+            self._claim_wanted = True  # there may be more
+        if outcomes:
+            self._claim_wanted = True  # freed slots may admit runs a limit held back
+
+    async def _idle(self) -> None:
+        assert self._wake is not None and self._loop is not None
+        timeout = min(self.options.poll, max(0.0, self._maintain_at - self._loop.time()))
+        if self._stopping and self._release_at is not None and self._release_at != float("inf"):
+            timeout = min(timeout, max(0.0, self._release_at - time.monotonic()))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            token = await self._store(self.engine.store.change_token)
+            if token != self._change_token:
+                self._change_token = token
+                self._claim_wanted = True
+
+    async def _maintain(self) -> None:
+        assert self._loop is not None
+        now = self.engine.now
+        try:
+            result = await self._store(self.engine.maintain, self._last_maintain)
+        except Exception as exc:
+            log.error("maintenance failed: %s", exc)
+            self._maintain_at = self._loop.time() + 1.0
+            return
+        self._last_maintain = now
+        wait = 5.0 if result.next_due is None else max(0.001, result.next_due - self.engine.now + 0.001)
+        self._maintain_at = self._loop.time() + min(wait, 5.0)
+        if result.promoted or result.recovered or result.became_due:
+            self._claim_wanted = True
+
+    # --- executing ------------------------------------------------------------------------------
+    def _start(self, run: ClaimedRun) -> None:
+        assert self._loop is not None
+        task = self.tasks[run.task_id]
+        entry = _Running(run=run, task=task, claimed_at=time.monotonic())
+        self.running[run.id] = entry
+        if task.is_async or self.options.sync_mode == "thread":
+            self._start_timer(entry)
+        entry.future = asyncio.ensure_future(self._execute(entry))
+
+    def _start_timer(self, entry: _Running) -> None:
+        """max_duration counts from when the code starts."""
+        assert self._loop is not None
+        if entry.run.max_duration and entry.run.id in self.running:
+            remaining = max(0.0, entry.run.max_duration - entry.run.executed_seconds)
+            entry.timer = self._loop.call_later(remaining, self._stop, entry.run.id, TIMED_OUT)
+
+    async def _execute(self, entry: _Running) -> None:
+        run, task = entry.run, entry.task
+        outcome: Outcome | None
+        try:
+            if task.is_async or self.options.sync_mode == "thread":
+                outcome = await self._execute_here(entry)
+            else:
+                assert self._pool is not None and self._loop is not None
+                entry.stopper = self._loop.create_future()
+                if entry.reason is not None:
+                    entry.stopper.set_result(entry.reason)
+                outcome = await self._pool.run(
+                    run,
+                    lambda level, msg, attrs, ts: self._add_log(run, level, msg, attrs, ts),
+                    lambda ops: self._add_metadata(run, ops),
+                    entry.stopper,
+                    lambda: self._start_timer(entry),
+                )
+        except Exception as exc:  # a Conveyor fault, never user code: report it, keep going
+            log.exception("run %s: executing failed inside the worker", run.id)
+            outcome = Outcome(
+                run.id,
+                run.lease_token,
+                OutcomeKind.FAILED,
+                error=error_dict(exc, "SYSTEM_FAILURE"),
+                status=RunStatus.SYSTEM_FAILURE,
+            )
+        self._finish(entry, outcome)
+
+    async def _execute_here(self, entry: _Running) -> Outcome | None:
+        run, task = entry.run, entry.task
+        ctx = build_context(task, run, self.engine.environment)
+        execution = Execution(
+            ctx=ctx, channel=_LocalChannel(self, run), metadata=dict(run.metadata), log_level=self.options.log_level
+        )
+        token = context.enter(execution)
+        try:
+            if task.is_async:
+                call = _caller(task, ctx)
+            else:
+
+                def call(payload: Any) -> Any:
+                    return asyncio.to_thread(_caller(task, ctx), payload)
+
+            return await run_attempt(task, run, ctx, self.engine.store.clock, call, lambda: entry.reason)
+        finally:
+            context.leave(token)
+
+    def _finish(self, entry: _Running, outcome: Outcome | None) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self.running.pop(entry.run.id, None)
+        if outcome is not None and entry.reason == LEASE_LOST:
+            outcome = None  # another worker may own the run now; writing would be refused anyway
+        if outcome is not None:
+            if outcome.kind == OutcomeKind.RETRY and outcome.retry_at is None:
+                delay = RetryPolicy.from_dict(entry.run.retry).delay_after(entry.run.attempt)
+                outcome.retry_at = self.engine.now + delay
+            self._outcomes.append(outcome)
+        self._poke()
+
+    def _stop(self, run_id: str, reason: str) -> None:
+        entry = self.running.get(run_id)
+        if entry is None or entry.reason is not None:
+            return
+        entry.reason = reason
+        if entry.stopper is not None:
+            if not entry.stopper.done():
+                entry.stopper.set_result(reason)
+        elif entry.future is not None and (entry.task.is_async or self.options.sync_mode == "thread"):
+            entry.future.cancel()
+
+    # --- buffers --------------------------------------------------------------------------------
+    def _add_log(self, run: ClaimedRun, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
+        self._logs.append(LogLine(run.id, run.lease_token, run.attempt, ts, level, message, attributes))
+        if len(self._logs) >= 500:
+            self._poke()
+        elif len(self._logs) == 1 and self._loop is not None:
+            self._loop.call_later(0.2, self._poke)
+
+    def _add_metadata(self, run: ClaimedRun, ops: list[MetadataOp]) -> None:
+        self._metadata.append((run.id, run.lease_token, ops))
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_datagram(self, wake_socket: WakeSocket) -> None:
+        for message in wake_socket.drain():
+            if message == CANCEL:
+                self._check_cancels = True
+            elif message == DELAYED:
+                self._maintain_at = 0.0
+            else:
+                self._claim_wanted = True
+        self._poke()
+
+    # --- leases ---------------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._heartbeat_stop.wait(self.options.renew):
+            started = time.monotonic()
+            try:
+                result = self.engine.heartbeat(self.id, self.options.lease)
+            except Exception as exc:
+                log.error("lease renewal failed: %s", exc)
+                if time.monotonic() - self._last_renewal > self.options.lease * 2 / 3:
+                    # Stop the code before anyone else can claim these runs.
+                    self._call_soon(self._stop_all, LEASE_LOST)
+                continue
+            self._last_renewal = started
+            self._call_soon(self._on_heartbeat, result, started)
+
+    def _on_heartbeat(self, result: HeartbeatResult, started: float) -> None:
+        for run_id, entry in list(self.running.items()):
+            if entry.claimed_at < started and result.renewed.get(run_id) != entry.run.lease_token:
+                log.warning("run %s: lease lost, stopping its code", run_id)
+                self._stop(run_id, LEASE_LOST)
+        for run_id in result.cancel_requested:
+            self._stop(run_id, CANCELED)
+
+    def _stop_all(self, reason: str) -> None:
+        for run_id in list(self.running):
+            self._stop(run_id, reason)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    # --- helpers --------------------------------------------------------------------------------
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._store_thread, fn, *args)
+
+    def _child_settings(self) -> dict[str, Any]:
+        return {
+            "modules": self.options.modules,
+            "environment": self.engine.environment,
+            "log_level": self.options.log_level,
+            "database_url": self.options.database_url or f"sqlite:///{self.engine.store.location}",
+        }
+
+
+def _caller(task: Task[Any, Any], ctx: Any) -> Callable[[Any], Any]:
+    fn = task.fn
+    if task.takes_ctx:
+        return lambda payload: fn(payload, ctx)
+    if task.takes_payload:
+        return fn
+    return lambda payload: fn()
