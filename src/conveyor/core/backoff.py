@@ -36,8 +36,13 @@ class RetryPolicy:
         """
         if attempt < 1:
             raise ValueError("attempt numbers start at 1")
-        # Cap the exponent so huge attempt numbers cannot overflow a float.
-        base = min(self.max_delay, self.min_delay * self.factor ** min(attempt - 1, 1000))
+        if self.min_delay == 0:
+            base = 0.0
+        else:
+            try:
+                base = min(self.max_delay, self.min_delay * self.factor ** (attempt - 1))
+            except OverflowError:  # a huge attempt number: the cap applies
+                base = self.max_delay
         if not self.randomize:
             return base
         u = random.random() if rand is None else rand

@@ -23,6 +23,7 @@ from conveyor.core.records import (
     MetadataOp,
     NewRun,
     Outcome,
+    OutcomeKind,
     QueueInfo,
     QueueSpec,
     Run,
@@ -133,9 +134,11 @@ class Engine:
                 tx.metadata_apply(run_id, ops, lease_token)
             accepted = tx.run_settle_many(self.environment, outcomes) if outcomes else []
             claimed = tx.run_claim(claim) if claim is not None and claim.limit > 0 else []
-        if any(o.kind != "completed" for o, ok in zip(outcomes, accepted, strict=True) if ok):
-            # A released or retried run is work for someone (maybe another worker).
+        kinds = {o.kind for o, ok in zip(outcomes, accepted, strict=True) if ok}
+        if OutcomeKind.RELEASED in kinds:  # work for someone else, now
             self.notifier.wake_workers()
+        if OutcomeKind.RETRY in kinds:  # work later: workers re-plan their maintenance timers
+            self.notifier.wake_workers(DELAYED)
         return accepted, claimed
 
     def heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:

@@ -260,6 +260,10 @@ class Worker:
             await asyncio.sleep(0.2)
             return
         for outcome, ok in zip(outcomes, accepted, strict=True):
+            if ok and outcome.kind == OutcomeKind.RETRY and outcome.retry_at is not None:
+                # Wake when the retry is due (maintenance notices it and claims it).
+                due_in = outcome.retry_at - self.engine.now
+                self._maintain_at = min(self._maintain_at, self._loop_time() + max(0.0, due_in) + 0.001)
             if not ok:
                 log.warning("run %s: outcome refused, the lease was lost (another worker may own it)", outcome.run_id)
         self.stats["settled"] += len(outcomes)
@@ -447,6 +451,10 @@ class Worker:
                 self._loop.call_soon_threadsafe(fn, *args)
 
     # --- helpers --------------------------------------------------------------------------------
+    def _loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._store_thread, fn, *args)

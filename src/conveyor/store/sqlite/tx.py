@@ -78,7 +78,7 @@ UPDATE runs SET status = 'EXECUTING', worker_id = ?1, lease_token = ?2, lease_ex
 WHERE id IN (SELECT value FROM json_each(?6)) AND status = 'QUEUED'
 RETURNING id, task_id, queue, payload, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
-    parent_id, root_id, batch_id, created_at, started_at, event_seq
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key
 """
 
 # Finishing an execution segment: the lease must still match. ?1 now.
@@ -454,23 +454,42 @@ class SQLiteTx(Tx):
 
     # --- runs: claim -------------------------------------------------------------------------
     def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        """Round-robin over the queues with free capacity: each pass offers every queue an equal
+        share of what is left; a queue that could not fill its share drops out."""
         now = self.now
-        picked: list[str] = []
-        tasks_json = json.dumps(request.task_ids)
-        for queue in request.queues:
-            remaining = request.limit - len(picked)
-            if remaining <= 0:
-                break
-            picked += self._pick(request, queue, remaining, tasks_json)
-        if not picked:
-            return []
         token = os.urandom(8).hex()
-        rows = self._all(
-            CLAIM_UPDATE,
-            (request.worker_id, token, now + request.lease_seconds, now, request.version, json.dumps(picked)),
-        )
-        order = {run_id: i for i, run_id in enumerate(picked)}
-        rows.sort(key=lambda r: order[r[0]])
+        tasks_json = json.dumps(request.task_ids)
+        rows: list[Any] = []
+        remaining = request.limit
+        candidates = list(request.queues)
+        while remaining > 0 and candidates:
+            share = -(-remaining // len(candidates))
+            still_full = []
+            for queue in candidates:
+                want = min(share, remaining)
+                if want <= 0:
+                    break
+                picked = self._pick(request, queue, want, tasks_json)
+                if picked:
+                    # Start them now, so the next pass counts them against the limits.
+                    rows += self._all(
+                        CLAIM_UPDATE,
+                        (
+                            request.worker_id,
+                            token,
+                            now + request.lease_seconds,
+                            now,
+                            request.version,
+                            json.dumps(picked),
+                        ),
+                    )
+                    remaining -= len(picked)
+                if len(picked) == want:
+                    still_full.append(queue)
+            candidates = still_full
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (r[21], r[0]))
         self.conn.executemany(
             """INSERT OR REPLACE INTO attempts (run_id, number, worker_id, lease_token, status, started_at)
                VALUES (?, ?, ?, ?, 'EXECUTING', ?)""",

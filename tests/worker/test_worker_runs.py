@@ -1,0 +1,135 @@
+"""A real worker executing real code: outcomes, hooks, logs, metadata, retries, stops."""
+
+import time
+
+import worker_tasks as wt
+
+from conftest import wait_until
+
+
+def test_async_run_completes_with_context_metadata_and_logs(start_worker, live_client):
+    start_worker()
+    run = wt.echo.trigger({"x": 3}).wait(10)
+    assert run.status.value == "COMPLETED"
+    assert run.output == {"x": 3, "attempt": 1, "run": run.id, "task": "echo"}
+    assert run.metadata == {"progress": 0.5, "count": 2, "seen": [3]}
+    lines = live_client.runs.logs(run.id)
+    assert [(ln.level, ln.message) for ln in lines] == [("INFO", "echo 3"), ("WARNING", "stdlib line")]
+    assert lines[0].attributes == {"chat": 7} and lines[1].attributes == {"logger": "thirdparty"}
+    statuses = [e.data["status"] for e in live_client.runs.events(run.id) if e.kind == "status"]
+    assert statuses == ["QUEUED", "EXECUTING", "COMPLETED"]
+
+
+def test_sync_run_in_a_pool_child(start_worker, live_client):
+    start_worker()
+    run = wt.sync_ok.trigger(21).wait(20)
+    assert run.status.value == "COMPLETED" and run.output == {"double": 42, "attempt": 1}
+    assert run.metadata == {"pid_seen": True}
+    assert [ln.message for ln in live_client.runs.logs(run.id)] == ["from the child"]
+
+
+def test_cancel_stops_async_code_within_a_second_and_runs_hooks(start_worker, live_client):
+    start_worker()
+    wt.EVENTS.clear()
+    handle = wt.sleepy_async.trigger({"seconds": 60})
+    wait_until(lambda: live_client.runs.retrieve(handle.id).status.value == "EXECUTING")
+    started = time.monotonic()
+    live_client.runs.cancel(handle.id)
+    run = handle.wait(5)
+    assert run.status.value == "CANCELED"
+    assert time.monotonic() - started < 1.0
+    assert [name for name, _ in wt.EVENTS] == ["on_start", "on_cancel", "cleanup"]
+
+
+def test_cancel_stops_sync_code_in_time_sleep(start_worker, live_client):
+    start_worker()
+    handle = wt.limited.trigger(60)
+    wait_until(lambda: live_client.runs.retrieve(handle.id).status.value == "EXECUTING", 20)
+    started = time.monotonic()
+    live_client.runs.cancel(handle.id)
+    assert handle.wait(5).status.value == "CANCELED"
+    assert time.monotonic() - started < 2.0
+
+
+def test_max_duration_ends_a_sync_task_stuck_in_sleep_and_frees_the_slot(start_worker, live_client):
+    start_worker(concurrency=1)
+    stuck = wt.sleepy_sync.trigger({"seconds": 60})
+    after = wt.sync_ok.trigger(1)
+    run = stuck.wait(10)
+    assert run.status.value == "TIMED_OUT" and run.error["code"] == "MAX_DURATION_EXCEEDED"
+    assert run.duration is not None and run.duration < 1 + 2
+    assert after.wait(10).status.value == "COMPLETED"  # the only slot was freed
+
+
+def test_max_duration_ends_a_task_stuck_in_a_c_call(start_worker, live_client):
+    start_worker(concurrency=1)
+    handle = wt.busy_c_call.trigger({})
+    wait_until(lambda: live_client.runs.retrieve(handle.id).started_at, 20)
+    run = handle.wait(10)
+    assert run.status.value == "TIMED_OUT"
+    assert run.finished_at - run.started_at < 1 + 2 + 0.5
+    assert "killed" in run.error["message"]
+    assert wt.sync_ok.trigger(2).wait(20).output["double"] == 4  # a new child replaced the killed one
+
+
+def test_unserialisable_output_fails_the_run_and_the_worker_goes_on(start_worker):
+    start_worker()
+    run = wt.bad_output.trigger({}).wait(10)
+    assert run.status.value == "FAILED" and run.error["code"] == "OUTPUT_NOT_SERIALIZABLE"
+    assert "not JSON-serialisable" in run.error["message"]
+    assert wt.echo.trigger({"x": 1}).wait(10).status.value == "COMPLETED"
+
+
+def test_exceptions_that_cannot_be_printed_or_pickled(start_worker):
+    start_worker()
+    run = wt.unprintable.trigger({}).wait(10)
+    assert run.status.value == "FAILED" and run.error["type"] == "Unprintable"
+    assert "unprintable" in run.error["message"].lower() or "Unprintable" in run.error["message"]
+    run = wt.unpicklable_sync.trigger({}).wait(20)
+    assert run.status.value == "FAILED" and run.error["message"] == "holds a lock"
+    assert "Unpicklable" in run.error["stack"]
+
+
+def test_retries_with_backoff_and_hooks_once(start_worker, live_client):
+    start_worker()
+    wt.EVENTS.clear()
+    run = wt.flaky.trigger({"succeed_on": 3}).wait(10)
+    assert run.status.value == "COMPLETED" and run.output == 3 and run.attempts == 3
+    attempts = live_client.runs.attempts(run.id)
+    assert [a.status for a in attempts] == ["FAILED", "FAILED", "COMPLETED"]
+    assert all(b.started_at - a.finished_at >= 0.05 for a, b in zip(attempts, attempts[1:], strict=False))
+    assert [name for name, _ in wt.EVENTS] == ["on_start", "on_success"]
+    wt.EVENTS.clear()
+    failed = wt.flaky.trigger({"succeed_on": 9}).wait(10)
+    assert failed.status.value == "FAILED" and failed.attempts == 3
+    assert [name for name, _ in wt.EVENTS] == ["on_start", "on_failure"]
+
+
+def test_handle_error_decides_retry_time_or_failure(start_worker, live_client):
+    start_worker()
+    run = wt.rate_limited.trigger("429").wait(10)  # backoff would be 30 s; the hook says 0.2 s
+    assert run.status.value == "COMPLETED" and run.output == 2
+    attempts = live_client.runs.attempts(run.id)
+    assert 0.15 <= attempts[1].started_at - attempts[0].finished_at < 5
+    failed = wt.rate_limited.trigger("value-error").wait(10)
+    assert failed.status.value == "FAILED" and failed.attempts == 1
+
+
+def test_abort_run_fails_at_once(start_worker):
+    start_worker()
+    run = wt.aborts.trigger({}).wait(10)
+    assert (run.status.value, run.attempts, run.error["code"]) == ("FAILED", 1, "ABORTED")
+    assert run.error["message"] == "invalid update"
+
+
+def test_graceful_stop_hands_back_running_runs_without_spending_an_attempt(start_worker, live_client):
+    worker = start_worker()
+    handle = wt.sleepy_async.trigger({"seconds": 60})
+    wait_until(lambda: live_client.runs.retrieve(handle.id).status.value == "EXECUTING")
+    worker.request_stop(0.1)
+    run = wait_until(lambda: (r := live_client.runs.retrieve(handle.id)).status.value == "QUEUED" and r)
+    assert run.attempts == 0
+    start_worker()
+    wait_until(lambda: live_client.runs.retrieve(handle.id).status.value == "EXECUTING")
+    assert [a.number for a in live_client.runs.attempts(handle.id)] == [1]
+    live_client.runs.cancel(handle.id)

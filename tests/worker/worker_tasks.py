@@ -1,0 +1,133 @@
+"""Tasks the worker tests run. Importable by name, so sync tasks can run in pool children."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+import conveyor
+from conveyor import AbortRun, Retry, RetryDecision, task
+
+EVENTS: list[tuple[str, object]] = []  # hook calls of async tasks (they run in the worker process)
+
+
+@task("echo")
+async def echo(payload, ctx):
+    conveyor.logger.info("echo %s", payload["x"], extra={"chat": 7})
+    logging.getLogger("thirdparty").warning("stdlib line")
+    conveyor.metadata.set("progress", 0.5)
+    conveyor.metadata.increment("count", 2)
+    conveyor.metadata.append("seen", payload["x"])
+    return {"x": payload["x"], "attempt": ctx.attempt.number, "run": ctx.run.id, "task": ctx.task.id}
+
+
+def _hook(name):
+    def hook(*args):
+        EVENTS.append((name, args[-2] if name in ("on_success", "on_failure") else None))
+
+    return hook
+
+
+@task("sleepy-async", on_cancel=_hook("on_cancel"), cleanup=_hook("cleanup"), on_start=_hook("on_start"))
+async def sleepy_async(payload):
+    await asyncio.sleep(payload["seconds"])
+    return "woke"
+
+
+@task("sleepy-sync", max_duration=1, retry=Retry(max_attempts=1))
+def sleepy_sync(payload):
+    time.sleep(payload["seconds"])
+    return "woke"
+
+
+@task("busy-c-call", max_duration=1, retry=Retry(max_attempts=1))
+def busy_c_call(payload):
+    # One long C call: no Python bytecode runs, so no signal handler can interrupt it.
+    return hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 50_000_000).hex()
+
+
+@task("sync-ok")
+def sync_ok(payload, ctx):
+    conveyor.metadata.set("pid_seen", True)
+    logging.getLogger("child").info("from the child")
+    return {"double": payload * 2, "attempt": ctx.attempt.number}
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("cannot print me")
+
+
+class Unpicklable(Exception):
+    def __init__(self, lock):
+        super().__init__("holds a lock")
+        self.lock = lock
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle")
+
+
+@task("bad-output", retry=Retry(max_attempts=1))
+async def bad_output(payload):
+    return {"when": object()}
+
+
+@task("unprintable", retry=Retry(max_attempts=1))
+async def unprintable(payload):
+    raise Unprintable()
+
+
+@task("unpicklable-sync", retry=Retry(max_attempts=1))
+def unpicklable_sync(payload):
+    import threading
+
+    raise Unpicklable(threading.Lock())
+
+
+@task(
+    "flaky",
+    retry=Retry(max_attempts=3, min_delay=0.05, max_delay=0.05, randomize=False),
+    on_start=_hook("on_start"),
+    on_success=_hook("on_success"),
+    on_failure=_hook("on_failure"),
+)
+async def flaky(payload, ctx):
+    if ctx.attempt.number < payload["succeed_on"]:
+        raise RuntimeError(f"attempt {ctx.attempt.number} fails")
+    return ctx.attempt.number
+
+
+def _rate_limited(error, ctx):
+    if isinstance(error, RateLimited):
+        return RetryDecision.retry_in(error.retry_after)
+    if isinstance(error, ValueError):
+        return RetryDecision.fail()
+    return None
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after):
+        super().__init__(f"429, retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+@task("rate-limited", retry=Retry(max_attempts=3, min_delay=30, max_delay=30), handle_error=_rate_limited)
+async def rate_limited(payload, ctx):
+    if payload == "value-error":
+        raise ValueError("bad input")
+    if ctx.attempt.number == 1:
+        raise RateLimited(0.2)
+    return ctx.attempt.number
+
+
+@task("aborts", retry=Retry(max_attempts=5))
+async def aborts(payload):
+    raise AbortRun("invalid update")
+
+
+@task("limited", retry=Retry(max_attempts=1))
+def limited(payload):
+    time.sleep(payload)
+    return "done"
