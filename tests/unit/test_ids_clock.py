@@ -8,7 +8,7 @@ def test_ids_sort_by_creation_and_are_unique():
     ids = [new_id("run") for _ in range(10_000)]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
-    assert all(i.startswith("run_") and len(i) == 30 for i in ids)
+    assert all(i.startswith("run_") and len(i) == 32 for i in ids)
 
 
 def test_ids_are_unique_across_threads():

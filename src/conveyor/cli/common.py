@@ -193,6 +193,17 @@ def seconds(value: float | None) -> str:
     return f"{int(value // 3600)}h{int(value % 3600 // 60):02d}m"
 
 
+def span(value: float | None) -> str:
+    """A configured length of time: 1s, 0.5s, 60s, 5m, 1h."""
+    if value is None:
+        return "-"
+    if value < 120 or value % 60:
+        return f"{value:g}s"
+    if value < 7200 or value % 3600:
+        return f"{value / 60:g}m"
+    return f"{value / 3600:g}h"
+
+
 def compact_json(value: Any, limit: int | None = None) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str, separators=(", ", ": "))
     if limit is not None and len(text) > limit:
@@ -212,7 +223,7 @@ def retry_summary(retry: dict[str, Any] | None) -> str:
     attempts = retry.get("max_attempts", 1)
     if attempts <= 1:
         return "no retries"
-    out = f"{attempts} attempts, {seconds(retry.get('min_delay', 0))}..{seconds(retry.get('max_delay', 0))}"
+    out = f"{attempts} attempts, {span(retry.get('min_delay', 0))}..{span(retry.get('max_delay', 0))}"
     factor = retry.get("factor", 1)
     if factor != 1:
         out += f" x{factor:g}"

@@ -293,6 +293,7 @@ class Supervisor:
         self.state = "starting"
         self.exit_reported = True
         self.live: Live | None = None
+        self.snapshot: Snapshot | None = None
         self.watch_stop = threading.Event()
 
     # --- output --------------------------------------------------------------------------------
@@ -311,7 +312,12 @@ class Supervisor:
                 continue
             if line.startswith("conveyor worker ready"):
                 self.state = "ready"
+                self.redraw()
             self.say(Text(line, style="dim" if self.live_mode else ""))
+
+    def redraw(self) -> None:
+        if self.live is not None and self.snapshot is not None:
+            self.live.update(render(self.snapshot, self.status_text(), self.where), refresh=True)
 
     def status_text(self) -> Text:
         pid = f" (pid {self.proc.pid})" if self.proc is not None else ""
@@ -508,11 +514,11 @@ class Supervisor:
                 self.say(f"conveyor dev: the worker exited with code {code}; it restarts when a file changes", "red")
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + REFRESH
-                snap = take_snapshot(self.client)
+                snap = self.snapshot = take_snapshot(self.client)
                 for text in tracker.changes(snap):
                     self.say(text)
                 if self.live is not None:
-                    self.live.update(render(snap, self.status_text(), self.where), refresh=True)
+                    self.redraw()
                     continue
                 if snap.error != last_error and snap.error is not None:
                     self.say(f"error: {snap.error}", "red")

@@ -226,7 +226,7 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> N
             ", ".join(limits) or "-",
             r.machine,
             common.retry_summary(o.get("retry")),
-            common.seconds(o.get("max_duration")),
+            common.span(o.get("max_duration")),
             r.version or "-",
             common.ago(r.updated_at),
         )

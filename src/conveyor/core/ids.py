@@ -1,7 +1,7 @@
-"""Time-sortable ids: a prefix, 10 characters of millisecond time, 16 of randomness.
+"""Time-sortable ids: a prefix, 12 hex digits of millisecond time, 16 of randomness.
 
-Crockford base32 like ULID, so ids sort by creation time as strings. Ids made in the same
-millisecond by one process increase monotonically, so a batch keeps its input order.
+Ids sort by creation time as strings. Ids made in the same millisecond by one process
+increase monotonically, so a batch keeps its input order.
 """
 
 from __future__ import annotations
@@ -10,20 +10,10 @@ import os
 import threading
 import time
 
-_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
-_RAND_BITS = 80
-_RAND_MAX = (1 << _RAND_BITS) - 1
-
-
-def _encode(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+_RAND_MAX = (1 << 64) - 1
 
 
 def new_id(prefix: str, now_ms: int | None = None) -> str:
@@ -34,15 +24,11 @@ def new_id(prefix: str, now_ms: int | None = None) -> str:
             ms = _last_ms
             rand = _last_rand + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # leave headroom to increment
+            rand = int.from_bytes(os.urandom(8), "big") >> 1  # leave headroom to increment
         _last_ms, _last_rand = ms, rand
-    return f"{prefix}_{_encode(ms, 10)}{_encode(rand, 16)}"
+    return f"{prefix}_{ms:012x}{rand:016x}"
 
 
 def id_time(identifier: str) -> float:
     """The creation time (epoch seconds) encoded in an id."""
-    body = identifier.split("_", 1)[1][:10]
-    value = 0
-    for ch in body:
-        value = value * 32 + _ALPHABET.index(ch)
-    return value / 1000.0
+    return int(identifier.split("_", 1)[1][:12], 16) / 1000.0

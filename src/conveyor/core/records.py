@@ -21,7 +21,7 @@ class NewRun:
     status: RunStatus  # QUEUED or DELAYED
     available_at: float
     max_attempts: int
-    retry: dict[str, Any] | None = None
+    retry: str | None = None  # JSON text of the RetryPolicy
     priority: int = 0
     ttl: float | None = None
     max_duration: float | None = None
@@ -205,6 +205,8 @@ class TaskRecord:
     code_hash: str | None = None
     version: str = ""
     updated_at: float = 0.0
+    # Values derived from `options` once, for the trigger hot path (see engine.options).
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(slots=True)

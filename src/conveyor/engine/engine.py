@@ -216,7 +216,7 @@ class Engine:
             status=RunStatus.QUEUED,
             available_at=self.now,
             max_attempts=old.max_attempts,
-            retry=old.retry,
+            retry=None if old.retry is None else json.dumps(old.retry),
             priority=old.priority,
             ttl=old.ttl,
             max_duration=old.max_duration,

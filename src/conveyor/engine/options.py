@@ -44,13 +44,18 @@ class TriggerOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TriggerOptions:
-        unknown = set(kwargs) - set(cls.__slots__)
+        if not kwargs:
+            return cls()
+        unknown = kwargs.keys() - _OPTION_NAMES
         if unknown:
             raise InvalidOptions(f"unknown trigger option(s): {', '.join(sorted(unknown))}")
         tags = kwargs.pop("tags", None)
         if isinstance(tags, str):
             tags = [tags]
         return cls(tags=list(tags or []), **kwargs)
+
+
+_OPTION_NAMES = frozenset(TriggerOptions.__slots__)
 
 
 def _seconds(value: Any, name: str, *, allow_zero: bool = True) -> float:
@@ -77,6 +82,15 @@ def dump_json(value: Any, what: str) -> str:
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidOptions(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _retry_of(task: TaskRecord) -> tuple[str, int]:
+    """The task's retry policy as stored JSON and its attempts, computed once per record."""
+    cached = task.derived.get("retry")
+    if cached is None:
+        policy = RetryPolicy.from_dict(task.options.get("retry"))
+        cached = task.derived["retry"] = (dump_json(policy.to_dict(), "retry"), policy.max_attempts)
+    return cached
 
 
 def prepare_run(
@@ -116,8 +130,7 @@ def prepare_run(
             available_at = now + _seconds(opts.delay, "delay")
         if available_at > now:
             status = RunStatus.DELAYED
-    retry = RetryPolicy.from_dict(o.get("retry"))
-    max_attempts = retry.max_attempts
+    retry_json, max_attempts = _retry_of(task)
     if opts.max_attempts is not None:
         if isinstance(opts.max_attempts, bool) or not isinstance(opts.max_attempts, int) or opts.max_attempts < 1:
             raise InvalidOptions(f"max_attempts must be an integer >= 1, got {opts.max_attempts!r}")
@@ -158,7 +171,7 @@ def prepare_run(
         status=status,
         available_at=available_at,
         max_attempts=max_attempts,
-        retry=retry.to_dict(),
+        retry=retry_json,
         priority=prio,
         ttl=ttl,
         max_duration=max_duration,

@@ -16,7 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from conveyor.core.backoff import RetryPolicy
 from conveyor.core.errors import ConveyorError, InvalidOptions, InvalidPayload
 from conveyor.core.records import DEFAULT_MACHINE, NewRun, QueueSpec, TaskRecord
-from conveyor.engine.options import TriggerOptions
+from conveyor.engine.options import TriggerOptions, prepare_run
 from conveyor.sdk.serde import PayloadType
 
 Retry = RetryPolicy
@@ -129,6 +129,9 @@ class Task(Generic[P, R]):
         self.version = version
         self.hooks = {name: hook for name, hook in hooks.items() if hook is not None}
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._derives_from_payload = bool(
+            (concurrency is not None and concurrency.key is not None) or idempotency_key or callable(priority)
+        )
         params = list(inspect.signature(fn).parameters.values())
         if len(params) > 2:
             raise InvalidOptions(
@@ -168,35 +171,44 @@ class Task(Generic[P, R]):
         return QueueSpec(self.queue.name, self.queue.concurrency_limit)
 
     # --- triggering ----------------------------------------------------------------------------
-    def prepare(self, payload: Any, options: dict[str, Any]) -> NewRun:
+    def _trigger_context(self) -> tuple[Any, TaskRecord, float, dict[str, Any]]:
+        """What every run of one trigger call shares: client, registered record, time, lineage."""
         from conveyor.sdk import client as client_module
 
         client = client_module.get_client()
+        return client, client.task_record(self), client.engine.now, client.lineage()
+
+    def _prepare(
+        self,
+        client: Any,
+        record: TaskRecord,
+        now: float,
+        lineage: dict[str, Any],
+        payload: Any,
+        options: dict[str, Any],
+    ) -> NewRun:
         opts = TriggerOptions.from_kwargs(**options)
         payload_json = self.payload_type.dump(payload)
-        data = (
-            json.loads(payload_json)
-            if (self.concurrency and self.concurrency.key) or callable(self.priority) or self.idempotency_key
-            else None
-        )
-        derived: dict[str, Any] = {}
-        if self.concurrency is not None and self.concurrency.key is not None and opts.concurrency_key is None:
-            derived["concurrency_key"] = _derive(self.concurrency.key, data, self.id, "concurrency key")
-        if self.idempotency_key is not None and opts.idempotency_key is None:
-            derived["idempotency_key"] = _derive(self.idempotency_key, data, self.id, "idempotency key")
-        if callable(self.priority):
-            derived["priority"] = self.priority(data)
-        elif self.priority is not None:
+        derived = dict(lineage)
+        if self._derives_from_payload:
+            data = json.loads(payload_json)
+            if self.concurrency is not None and self.concurrency.key is not None and opts.concurrency_key is None:
+                derived["concurrency_key"] = _derive(self.concurrency.key, data, self.id, "concurrency key")
+            if self.idempotency_key is not None and opts.idempotency_key is None:
+                derived["idempotency_key"] = _derive(self.idempotency_key, data, self.id, "idempotency key")
+            if callable(self.priority):
+                derived["priority"] = _derive(self.priority, data, self.id, "priority", str_=False)
+        if self.priority is not None and not callable(self.priority):
             derived["priority"] = self.priority
-        derived.update(client.lineage())
-        record = client.task_record(self)
-        return client.engine.prepare(record, payload_json, opts, **derived)
+        return prepare_run(record, payload_json, opts, now, client.engine.limits, **derived)
+
+    def prepare(self, payload: Any, options: dict[str, Any]) -> NewRun:
+        """Validate a payload and options into the run a trigger would insert."""
+        return self._prepare(*self._trigger_context(), payload, options)
 
     def trigger(self, payload: Any = None, **options: Any) -> RunHandle:
-        from conveyor.sdk import client as client_module
-
-        client = client_module.get_client()
-        run = self.prepare(payload, options)
+        client, record, now, lineage = self._trigger_context()
+        run = self._prepare(client, record, now, lineage, payload, options)
         run_id, _ = client.engine.insert([run])[0]
         return RunHandle(run_id, client)
 
@@ -205,15 +217,13 @@ class Task(Generic[P, R]):
 
     def batch_trigger(self, items: list[Any]) -> list[RunHandle]:
         """Up to 1,000 items, atomically: all valid or nothing created (the error names the items)."""
-        from conveyor.sdk import client as client_module
-
-        client = client_module.get_client()
+        client, record, now, lineage = self._trigger_context()
         runs: list[NewRun] = []
         errors: list[str] = []
         for index, item in enumerate(items):
             payload, options = (item.payload, item.options) if isinstance(item, BatchItem) else (item, {})
             try:
-                runs.append(self.prepare(payload, dict(options)))
+                runs.append(self._prepare(client, record, now, lineage, payload, options))
             except ConveyorError as exc:
                 errors.append(f"item {index}: {exc}")
         if errors:
@@ -233,12 +243,12 @@ class Task(Generic[P, R]):
         return f"<Task {self.id} queue={self.queue.name}>"
 
 
-def _derive(fn: Callable[[Any], Any], data: Any, task_id: str, what: str) -> str:
+def _derive(fn: Callable[[Any], Any], data: Any, task_id: str, what: str, str_: bool = True) -> Any:
     try:
         value = fn(data)
     except Exception as exc:
         raise InvalidPayload(f"task {task_id}: computing the {what} from the payload failed: {exc!r}") from None
-    return str(value)
+    return str(value) if str_ else value
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

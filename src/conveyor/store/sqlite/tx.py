@@ -406,7 +406,7 @@ class SQLiteTx(Tx):
                     r.ttl,
                     now + r.ttl if r.ttl is not None and r.status is RunStatus.QUEUED else None,
                     r.max_attempts,
-                    _dumps(r.retry),
+                    r.retry,
                     r.max_duration,
                     r.concurrency_key,
                     r.key_limit,
@@ -428,10 +428,7 @@ class SQLiteTx(Tx):
                 for r in fresh
             ],
         )
-        self.conn.executemany(
-            INSERT_EVENT,
-            [(r.id, 1, None, "status", _STATUS_EVENT[r.status], now) for r in fresh],
-        )
+        # Event 1 (the run's first status) is not written: event_list derives it from the row.
         tagged = [(environment, tag, r.id) for r in fresh for tag in r.tags]
         if tagged:
             self.conn.executemany("INSERT OR IGNORE INTO run_tags (environment, tag, run_id) VALUES (?, ?, ?)", tagged)
@@ -754,13 +751,15 @@ class SQLiteTx(Tx):
 
         if since is not None:
             result.became_due = self._one(
-                """SELECT count(*) FROM runs WHERE status = 'QUEUED' AND available_at > ? AND available_at <= ?""",
+                """SELECT count(*) FROM runs WHERE status = 'QUEUED' AND attempt_count > 0
+                   AND available_at > ? AND available_at <= ?""",
                 (since, now),
             )[0]
         result.next_due = self._one(
             """SELECT min(t) FROM (
                    SELECT min(available_at) AS t FROM runs WHERE status = 'DELAYED'
-                   UNION ALL SELECT min(available_at) FROM runs WHERE status = 'QUEUED' AND available_at > ?1
+                   UNION ALL SELECT min(available_at) FROM runs
+                       WHERE status = 'QUEUED' AND attempt_count > 0 AND available_at > ?1
                    UNION ALL SELECT min(expires_at) FROM runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
                    UNION ALL SELECT min(lease_expires_at) FROM runs WHERE status = 'EXECUTING')""",
             (now,),
@@ -823,7 +822,23 @@ class SQLiteTx(Tx):
                WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?""",
             (run_id, after_seq, limit),
         )
-        return [RunEvent(r[0], r[1], r[2], r[3], _loads(r[4]), r[5]) for r in rows]
+        events = [RunEvent(r[0], r[1], r[2], r[3], _loads(r[4]), r[5]) for r in rows]
+        if after_seq < 1:
+            first = self._first_event(run_id)
+            if first is not None:
+                events.insert(0, first)
+        return events[:limit]
+
+    def _first_event(self, run_id: str) -> RunEvent | None:
+        """Event 1, the status a run was created in, derived from the row instead of stored (it
+        would cost every trigger a second insert). A run created QUEUED has queued_at ==
+        created_at; a run created DELAYED was queued later or never."""
+        row = self._one("SELECT created_at, queued_at FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            return None
+        created_at, queued_at = row
+        status = RunStatus.QUEUED if queued_at == created_at else RunStatus.DELAYED
+        return RunEvent(run_id, 1, None, "status", {"status": status.value}, created_at)
 
     def log_list(self, run_id: str, limit: int = 10_000) -> list[LogLine]:
         rows = self._all(

@@ -82,9 +82,8 @@ CREATE INDEX runs_worker ON runs (worker_id) WHERE status = 'EXECUTING';
 CREATE INDEX runs_lease ON runs (lease_expires_at) WHERE status = 'EXECUTING';
 CREATE INDEX runs_delayed ON runs (available_at) WHERE status = 'DELAYED';
 -- Retries waiting out their backoff: when the next one becomes due.
-CREATE INDEX runs_queued_at ON runs (available_at) WHERE status = 'QUEUED';
+CREATE INDEX runs_retry_due ON runs (available_at) WHERE status = 'QUEUED' AND attempt_count > 0;
 CREATE INDEX runs_ttl ON runs (expires_at) WHERE status = 'QUEUED' AND expires_at IS NOT NULL;
-CREATE INDEX runs_env_id ON runs (environment, id);
 CREATE INDEX runs_env_task ON runs (environment, task_id, id);
 CREATE INDEX runs_parent ON runs (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX runs_batch ON runs (batch_id) WHERE batch_id IS NOT NULL;
