@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from conveyor.core.clock import FakeClock
-from conveyor.core.records import QueueSpec, TaskRecord
 from conveyor.engine import Engine
 from conveyor.sdk import client as client_module
 from conveyor.store.sqlite import SQLiteStore
@@ -39,10 +38,3 @@ def client(store, clock):
     made = client_module.configure(store=store, clock=clock, database_url=f"sqlite:///{store.location}")
     yield made
     client_module.set_client(None)
-
-
-def register(engine: Engine, task_id: str, queue: str | None = None, **options) -> TaskRecord:
-    """Register a task definition as a worker would, and return it."""
-    record = TaskRecord(task_id=task_id, queue=queue or task_id, options=options)
-    engine.register([record], [QueueSpec(record.queue, options.get("queue_limit"))])
-    return record

@@ -26,6 +26,7 @@ from conveyor.core.records import Run
 from conveyor.core.status import RunStatus
 from conveyor.sdk.client import configure, get_client
 from conveyor.sdk.context import Context, metadata
+from conveyor.sdk.keys import idempotency_key
 from conveyor.sdk.logs import logger
 from conveyor.sdk.task import BatchItem, Concurrency, Queue, RetryDecision, RunHandle, Task, task
 
@@ -82,6 +83,7 @@ __all__ = [
     "UnknownQueue",
     "UnknownTask",
     "configure",
+    "idempotency_key",
     "logger",
     "metadata",
     "queues",

@@ -2,10 +2,10 @@
 
 import pytest
 
-from conftest import register
 from conveyor.core.errors import InvalidTransition, RunNotFound, UnknownQueue
 from conveyor.core.status import RunStatus
 from conveyor.engine import TriggerOptions
+from helpers import register
 
 
 def trigger(engine, task, payload="{}", **options):

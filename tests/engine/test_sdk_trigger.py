@@ -179,3 +179,36 @@ def test_handle_wait_inside_a_run_points_to_trigger_and_wait(client):
             RunHandle("run_x", client).wait()
     finally:
         context.leave(token)
+
+
+def test_idempotency_key_scopes():
+    from conveyor.sdk import context
+    from conveyor.sdk.context import AttemptInfo, Context, Execution, RunInfo, TaskInfo
+
+    assert conveyor.idempotency_key("a", 1) == conveyor.idempotency_key(["a", 1], scope="global")
+
+    def inside(run_id, attempt):
+        ctx = Context(RunInfo(run_id, [], 0.0, 0.0), AttemptInfo(attempt, 0.0), TaskInfo("t", "t"), "dev", None, "x")
+        return context.enter(Execution(ctx=ctx, channel=None))  # type: ignore[arg-type]
+
+    token = inside("run_1", 1)
+    try:
+        run_key, attempt_key = conveyor.idempotency_key("a"), conveyor.idempotency_key("a", scope="attempt")
+        global_key = conveyor.idempotency_key("a", scope="global")
+    finally:
+        context.leave(token)
+    token = inside("run_1", 2)
+    try:
+        assert conveyor.idempotency_key("a") == run_key  # a retry finds the same key
+        assert conveyor.idempotency_key("a", scope="attempt") != attempt_key
+    finally:
+        context.leave(token)
+    token = inside("run_2", 1)
+    try:
+        assert conveyor.idempotency_key("a") != run_key
+        assert conveyor.idempotency_key("a", scope="global") == global_key
+    finally:
+        context.leave(token)
+    assert conveyor.idempotency_key("a") == global_key  # outside a run every scope is global
+    with pytest.raises(InvalidOptions, match="scope must be one of"):
+        conveyor.idempotency_key("a", scope="user")

@@ -4,12 +4,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conftest import register
 from conveyor.core.errors import InvalidOptions, PayloadTooLarge, UnknownQueue, UnknownTask
 from conveyor.core.records import Outcome, OutcomeKind, RunFilter
 from conveyor.core.status import RunStatus
 from conveyor.engine import Engine, Limits, TriggerOptions
 from conveyor.engine.options import prepare_run
+from helpers import register
 
 
 def trigger(engine, task, payload="{}", **options):

@@ -38,7 +38,7 @@ def test_stale_worker_cannot_complete_fail_heartbeat_or_log(h, clock):
     assert h.complete(stale) == [False]
     fail = Outcome(stale.id, stale.lease_token, OutcomeKind.FAILED, error={"message": "late"})
     assert h.engine.exchange([fail], [], None)[0] == [False]
-    assert h.engine.heartbeat("old", 30).renewed == {}
+    assert h.engine.heartbeat("old", 30, [run]).renewed == {}
     with h.engine.store.transaction() as tx:
         assert tx.log_append_many([LogLine(run, stale.lease_token, 1, 0.0, "INFO", "late")]) == 0
         assert tx.metadata_apply(run, [MetadataOp("set", "k", 1)], stale.lease_token) is None
@@ -53,10 +53,21 @@ def test_heartbeat_renews_every_run_of_the_worker(h, clock):
         h.trigger(t)
     claimed = h.claim(t, lease=2)
     clock.advance(1.5)
-    result = h.engine.heartbeat("w1", 2)
+    result = h.engine.heartbeat("w1", 2, [c.id for c in claimed])
     assert result.renewed == {c.id: c.lease_token for c in claimed}
     clock.advance(1.5)
     assert h.engine.maintain().recovered == 0
+
+
+def test_a_run_the_worker_gave_up_is_not_renewed(h, clock):
+    t = h.task("t")
+    kept, dropped = h.trigger(t), h.trigger(t)
+    h.claim(t, lease=2)
+    clock.advance(1.5)
+    assert set(h.engine.heartbeat("w1", 2, [kept]).renewed) == {kept}
+    clock.advance(1)
+    assert h.engine.maintain().recovered == 1
+    assert (h.status(kept), h.status(dropped)) == ("EXECUTING", "QUEUED")
 
 
 def test_heartbeat_returns_cancel_requests(h):
@@ -64,7 +75,7 @@ def test_heartbeat_returns_cancel_requests(h):
     run = h.trigger(t)
     h.claim(t)
     h.engine.cancel(run)
-    assert h.engine.heartbeat("w1", 30).cancel_requested == [run]
+    assert h.engine.heartbeat("w1", 30, [run]).cancel_requested == [run]
     assert h.engine.cancel_requested("w1") == [run]
 
 

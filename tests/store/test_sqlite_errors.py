@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from conftest import register
 from conveyor.core.errors import SchemaMismatch, StoreBusy, StoreError, StoreReadOnly
 from conveyor.engine import Engine, TriggerOptions
 from conveyor.store.sqlite import SQLiteStore, connection, migrate
+from helpers import register
 
 
 def test_locked_database_is_store_busy_naming_the_file_and_loses_nothing(db_path, clock):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import worker_tasks
@@ -53,13 +52,3 @@ def conveyor_task_type():
     from conveyor.sdk.task import Task
 
     return Task
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")

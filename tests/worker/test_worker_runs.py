@@ -4,7 +4,7 @@ import time
 
 import worker_tasks as wt
 
-from conftest import wait_until
+from helpers import wait_until
 
 
 def test_async_run_completes_with_context_metadata_and_logs(start_worker, live_client):
@@ -97,7 +97,11 @@ def test_retries_with_backoff_and_hooks_once(start_worker, live_client):
     assert run.status.value == "COMPLETED" and run.output == 3 and run.attempts == 3
     attempts = live_client.runs.attempts(run.id)
     assert [a.status for a in attempts] == ["FAILED", "FAILED", "COMPLETED"]
-    assert all(b.started_at - a.finished_at >= 0.05 for a, b in zip(attempts, attempts[1:], strict=False))
+    retry_at = [e.data["retry_at"] for e in live_client.runs.events(run.id) if e.data.get("retry_at")]
+    assert len(retry_at) == 2
+    for failed_attempt, due, next_attempt in zip(attempts, retry_at, attempts[1:], strict=False):
+        assert due - failed_attempt.started_at >= 0.05  # the backoff (0.05 s, not randomized)
+        assert next_attempt.started_at >= due
     assert [name for name, _ in wt.EVENTS] == ["on_start", "on_success"]
     wt.EVENTS.clear()
     failed = wt.flaky.trigger({"succeed_on": 9}).wait(10)

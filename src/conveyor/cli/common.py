@@ -10,7 +10,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from conveyor.core.errors import ConveyorError, StoreError
@@ -108,6 +110,20 @@ def open_client(*, must_exist: bool = True) -> Client:
 
 
 # --- formatting ----------------------------------------------------------------------------------
+
+
+def new_table(title: str | None = None) -> Table:
+    """A borderless table: compact on narrow terminals, and piped output stays awk-able."""
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
+    )
+
 
 STATUS_STYLE = {
     RunStatus.DELAYED: "magenta",

@@ -25,7 +25,6 @@ from typing import Any
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import common
@@ -211,7 +210,7 @@ def render(snap: Snapshot, status: Text, where: str) -> RenderableType:
     parts: list[RenderableType] = [header]
     if snap.error:
         parts.append(Text(f"error: {snap.error}", style="red"))
-    running = Table(title=f"Executing ({len(snap.executing)})", title_justify="left", expand=False)
+    running = common.new_table(f"Executing ({len(snap.executing)})")
     for column in ("ID", "TASK", "ATTEMPT", "ELAPSED"):
         running.add_column(column, no_wrap=True)
     for run in snap.executing[:EXECUTING_ROWS]:
@@ -220,7 +219,7 @@ def render(snap: Snapshot, status: Text, where: str) -> RenderableType:
     if len(snap.executing) > EXECUTING_ROWS:
         running.add_row(f"... {len(snap.executing) - EXECUTING_ROWS} more", "", "", "")
     parts.append(running)
-    recent = Table(title="Recently finished", title_justify="left")
+    recent = common.new_table("Recently finished")
     for column in ("ID", "TASK", "STATUS", "DURATION", "FINISHED", "ERROR"):
         recent.add_column(column, no_wrap=column != "ERROR")
     from conveyor.cli.runs import error_line

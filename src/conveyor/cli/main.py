@@ -8,7 +8,6 @@ from dataclasses import asdict
 from typing import Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from conveyor.cli import common, dev, queues, runs
@@ -210,7 +209,7 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> N
     if not records:
         console.print(f"no tasks registered in environment {client.engine.environment!r} (start a worker)")
         return
-    table = Table(title=f"Tasks ({client.engine.environment})", title_justify="left")
+    table = common.new_table()
     for column in ("TASK", "QUEUE", "LIMIT", "MACHINE", "RETRY", "MAX DURATION", "VERSION", "REGISTERED"):
         table.add_column(column, no_wrap=column in ("TASK", "QUEUE"))
     for r in records:
@@ -244,7 +243,7 @@ def workers(as_json: bool = typer.Option(False, "--json", help="Print JSON")) ->
     if not found:
         console.print(f"no live workers in environment {client.engine.environment!r}")
         return
-    table = Table(title=f"Workers ({client.engine.environment})", title_justify="left")
+    table = common.new_table()
     for column in ("WORKER", "HOST", "PID", "QUEUES", "MACHINE", "VERSION", "STARTED", "LAST SEEN"):
         table.add_column(column, no_wrap=column == "WORKER")
     for w in found:

@@ -8,14 +8,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from conveyor.cli.common import console, open_client, print_json
+from conveyor.cli.common import console, new_table, open_client, print_json
 from conveyor.core.records import QueueInfo
 
 app = typer.Typer(help="Queues: depth, running, limit, paused. Subcommands pause and resume.")
 
 
 def queues_table(queues: list[QueueInfo], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     table.add_column("QUEUE", no_wrap=True)
     for column in ("QUEUED", "RUNNING", "LIMIT", "PAUSED", "DELAYED", "UNSERVABLE"):
         table.add_column(column, justify="right" if column != "PAUSED" else "left")
@@ -51,7 +51,7 @@ def queues(
     if not found:
         console.print(f"no queues in environment {client.engine.environment!r} (start a worker)")
         return
-    console.print(queues_table(found, f"Queues ({client.engine.environment})"))
+    console.print(queues_table(found))
     if any(q.unservable for q in found):
         console.print(
             Text("unservable: queued runs no live worker can serve (no worker of their machine or version)", "dim")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import typer
 from rich.console import Group
@@ -81,8 +81,9 @@ def _json_block(title: str, value: Any) -> Group:
 
 
 def attempts_table(attempts: list[Attempt]) -> Table:
-    table = Table(title="Attempts", title_justify="left")
-    for column in ("#", "STATUS", "WORKER", "STARTED", "DURATION", "ERROR"):
+    table = common.new_table("Attempts")
+    with_worker = console.width >= 120
+    for column in ("#", "STATUS", "STARTED", "DURATION", *(("WORKER",) if with_worker else ()), "ERROR"):
         table.add_column(column, no_wrap=column != "ERROR")
     for a in attempts:
         status: Text | str = a.status or "-"
@@ -94,14 +95,10 @@ def attempts_table(attempts: list[Attempt]) -> Table:
         error = error_line(a.error)
         if a.error and a.error.get("code"):
             error = f"[{a.error['code']}] {error}"
-        table.add_row(
-            str(a.number),
-            status,
-            a.worker_id or "-",
-            common.when(a.started_at, precise=True),
-            common.seconds(took),
-            Text(error),
-        )
+        cells: list[Any] = [str(a.number), status, common.when(a.started_at, precise=True), common.seconds(took)]
+        if with_worker:
+            cells.append(a.worker_id or "-")
+        table.add_row(*cells, Text(error))
     return table
 
 
@@ -174,19 +171,26 @@ def list_runs(
         console.print("no runs")
         return
     now = time.time()
-    table = Table(title_justify="left")
-    for column in ("ID", "TASK", "STATUS", "ATTEMPT", "CREATED", "DURATION", "TAGS"):
-        table.add_column(column, no_wrap=column in ("ID", "TASK", "STATUS"))
+    # Narrow terminals drop the least useful columns rather than truncating ids.
+    columns = ["ID", "TASK", "STATUS", "ATTEMPT", "DURATION"]
+    if console.width >= 95:
+        columns.insert(4, "CREATED")
+    if console.width >= 110:
+        columns.append("TAGS")
+    table = common.new_table()
+    for column in columns:
+        table.add_column(column, no_wrap=column != "TAGS")
     for r in page.data:
-        table.add_row(
-            r.id,
-            r.task_id,
-            common.status_text(r.status),
-            attempts_text(r),
-            common.when(r.created_at),
-            common.seconds(duration_of(r, now)),
-            Text(", ".join(r.tags)),
-        )
+        cells: dict[str, Any] = {
+            "ID": r.id,
+            "TASK": r.task_id,
+            "STATUS": common.status_text(r.status),
+            "ATTEMPT": attempts_text(r),
+            "CREATED": common.when(r.created_at),
+            "DURATION": common.seconds(duration_of(r, now)),
+            "TAGS": Text(", ".join(r.tags)),
+        }
+        table.add_row(*(cells[c] for c in columns))
     console.print(table)
     if page.next_cursor:
         console.print(Text(f"more: conveyor runs list --cursor {page.next_cursor}", style="dim"), soft_wrap=True)
@@ -200,7 +204,7 @@ def show(
     """A run: its fields, payload, output, error with stack, and attempts."""
     client = open_client()
     run = client.runs.retrieve(run_id)
-    attempts = client.runs.attempts(run_id)
+    attempts: list[Attempt] = cast(Any, client.runs.attempts(run_id))
     if as_json:
         print_json({**run.to_dict(), "attempt_list": [_attempt_dict(a) for a in attempts]})
         return
@@ -304,7 +308,7 @@ def logs(
     poll = 0.05
     while True:
         run = client.runs.retrieve(run_id)
-        lines = client.runs.logs(run_id)
+        lines: list[LogLine] = cast(Any, client.runs.logs(run_id))
         fresh, seen = lines[seen:], len(lines)
         if as_json and not follow:
             print_json([log_dict(line) for line in fresh])
@@ -337,8 +341,8 @@ def watch(
     poll = 0.02
     while True:
         run = client.runs.retrieve(run_id)
-        events = client.runs.events(run_id, after=seq)
-        lines = client.runs.logs(run_id)[logged:]
+        events: list[RunEvent] = cast(Any, client.runs.events(run_id, after=seq))
+        lines: list[LogLine] = cast(Any, client.runs.logs(run_id))[logged:]
         logged += len(lines)
         items: list[tuple[float, int, Any]] = [(e.created_at, 0, e) for e in events]
         items += [(ln.ts, 1, ln) for ln in lines]

@@ -141,9 +141,9 @@ class Engine:
             self.notifier.wake_workers(DELAYED)
         return accepted, claimed
 
-    def heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
+    def heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
         with self.store.transaction() as tx:
-            return tx.run_heartbeat(worker_id, lease_seconds)
+            return tx.run_heartbeat(worker_id, lease_seconds, run_ids)
 
     def cancel_requested(self, worker_id: str) -> list[str]:
         with self.store.read() as tx:

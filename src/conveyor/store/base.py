@@ -77,8 +77,9 @@ class Tx(ABC):
         """Apply what workers report. An outcome whose lease no longer matches is refused (False)."""
 
     @abstractmethod
-    def run_heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
-        """Renew the leases of every run the worker holds, in one statement."""
+    def run_heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
+        """Renew, in one statement, the leases of the runs the worker still holds (`run_ids`):
+        a run it gave up keeps its old lease, expires, and is recovered by maintenance."""
 
     @abstractmethod
     def run_cancel(self, environment: str, run_id: str) -> CancelResult: ...

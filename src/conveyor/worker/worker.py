@@ -117,6 +117,7 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._logs: list[LogLine] = []
         self._metadata: list[tuple[str, str, list[MetadataOp]]] = []
+        self._settling: set[str] = set()  # finished here, outcome not committed yet
         self._claim_wanted = True
         self._check_cancels = False
         self._maintain_at = 0.0
@@ -162,6 +163,7 @@ class Worker:
         if any(not t.is_async for t in self.tasks.values()) and self.options.sync_mode == "process":
             self._pool = SyncPool(self._child_settings(), self.options.modules)
             await asyncio.to_thread(self._pool.prewarm)
+        self._last_renewal = time.monotonic()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="conveyor-heartbeat", daemon=True)
         heartbeat.start()
         self.started.set()
@@ -191,7 +193,7 @@ class Worker:
             self._release_at = deadline if self._release_at is None else min(self._release_at, deadline)
             self._poke()
 
-        self._loop.call_soon_threadsafe(stop)
+        self._call_soon(stop)
 
     def engine_task_record(self, task: Task[Any, Any]) -> Any:
         from conveyor.sdk.client import get_client
@@ -213,6 +215,12 @@ class Worker:
                     self._release_at = float("inf")
                 if not self.running and not self._has_writes():
                     return
+            if self.running and self._renewals_stale():
+                # Renewals have failed (or hang) for 2/3 of the lease: stop the code ourselves
+                # before the lease expires and another worker may claim these runs.
+                # Hand them back (fenced: refused if the lease is really gone).
+                log.error("leases not renewed for %.1f s; stopping running code", self.options.lease * 2 / 3)
+                self._stop_all(RELEASED)
             if self._check_cancels:
                 self._check_cancels = False
                 for run_id in await self._store(self.engine.cancel_requested, self.id):
@@ -227,7 +235,7 @@ class Worker:
 
     def _claim_request(self) -> ClaimRequest | None:
         free = self.options.concurrency - len(self.running)
-        if self._stopping or free <= 0 or not self._claim_wanted:
+        if self._stopping or free <= 0 or not self._claim_wanted or self._renewals_stale():
             return None
         self._rotation = (self._rotation + 1) % len(self.queues)
         queues = self.queues[self._rotation :] + self.queues[: self._rotation]
@@ -259,6 +267,7 @@ class Worker:
             self._claim_wanted = claim is not None
             await asyncio.sleep(0.2)
             return
+        self._settling.difference_update(o.run_id for o in outcomes)
         for outcome, ok in zip(outcomes, accepted, strict=True):
             if ok and outcome.kind == OutcomeKind.RETRY and outcome.retry_at is not None:
                 # Wake when the retry is due (maintenance notices it and claims it).
@@ -375,6 +384,7 @@ class Worker:
         if outcome is not None and entry.reason == LEASE_LOST:
             outcome = None  # another worker may own the run now; writing would be refused anyway
         if outcome is not None:
+            self._settling.add(outcome.run_id)
             if outcome.kind == OutcomeKind.RETRY and outcome.retry_at is None:
                 delay = RetryPolicy.from_dict(entry.run.retry).delay_after(entry.run.attempt)
                 outcome.retry_at = self.engine.now + delay
@@ -423,15 +433,20 @@ class Worker:
         while not self._heartbeat_stop.wait(self.options.renew):
             started = time.monotonic()
             try:
-                result = self.engine.heartbeat(self.id, self.options.lease)
+                # Runs still executing here, and finished ones whose outcome is not committed yet.
+                held = [*self.running, *self._settling]
+                result = self.engine.heartbeat(self.id, self.options.lease, held)
             except Exception as exc:
                 log.error("lease renewal failed: %s", exc)
-                if time.monotonic() - self._last_renewal > self.options.lease * 2 / 3:
+                if self._renewals_stale():
                     # Stop the code before anyone else can claim these runs.
-                    self._call_soon(self._stop_all, LEASE_LOST)
+                    self._call_soon(self._stop_all, RELEASED)
                 continue
             self._last_renewal = started
             self._call_soon(self._on_heartbeat, result, started)
+
+    def _renewals_stale(self) -> bool:
+        return time.monotonic() - self._last_renewal > self.options.lease * 2 / 3
 
     def _on_heartbeat(self, result: HeartbeatResult, started: float) -> None:
         for run_id, entry in list(self.running.items()):

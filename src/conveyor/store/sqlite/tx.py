@@ -635,11 +635,12 @@ class SQLiteTx(Tx):
             (environment, task_id, key, run_id),
         )
 
-    def run_heartbeat(self, worker_id: str, lease_seconds: float) -> HeartbeatResult:
+    def run_heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
         rows = self._all(
             """UPDATE runs SET lease_expires_at = ? WHERE worker_id = ? AND status = 'EXECUTING'
+                   AND id IN (SELECT value FROM json_each(?))
                RETURNING id, lease_token, cancel_requested""",
-            (self.now + lease_seconds, worker_id),
+            (self.now + lease_seconds, worker_id, json.dumps(list(run_ids))),
         )
         self.conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ?", (self.now, worker_id))
         return HeartbeatResult(renewed={r[0]: r[1] for r in rows}, cancel_requested=[r[0] for r in rows if r[2]])
