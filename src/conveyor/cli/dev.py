@@ -189,8 +189,11 @@ class Tracker:
 
 
 def queue_summary(queues: list[QueueInfo]) -> str:
+    """The queues with something in them (or paused), for the plain-line view."""
     parts = []
     for q in queues:
+        if not (q.queued or q.running or q.delayed or q.paused):
+            continue
         part = f"{q.name} {q.queued} queued/{q.running} running"
         if q.delayed:
             part += f"/{q.delayed} delayed"
@@ -199,7 +202,7 @@ def queue_summary(queues: list[QueueInfo]) -> str:
         if q.unservable:
             part += f" ({q.unservable} unservable)"
         parts.append(part)
-    return "queues: " + ("; ".join(parts) if parts else "none")
+    return "queues: " + ("; ".join(parts) if parts else f"{len(queues)} idle")
 
 
 def render(snap: Snapshot, status: Text, where: str) -> RenderableType:
@@ -312,7 +315,8 @@ class Supervisor:
             if line.startswith("conveyor worker ready"):
                 self.state = "ready"
                 self.redraw()
-            self.say(Text(line, style="dim" if self.live_mode else ""))
+            style = "red" if line.startswith("error:") else ("dim" if self.live_mode else "")
+            self.say(Text(line, style=style))
 
     def redraw(self) -> None:
         if self.live is not None and self.snapshot is not None:

@@ -7,6 +7,7 @@ replaces it; a worker installs its own so that tasks triggering tasks share its 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any
 from conveyor.core.backoff import RetryPolicy
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
 from conveyor.core.errors import ConfigError
-from conveyor.core.records import QueueInfo, Run, RunFilter, TaskRecord
+from conveyor.core.records import Attempt, LogLine, QueueInfo, Run, RunEvent, RunFilter, TaskRecord
 from conveyor.engine import Engine, Limits, TriggerOptions
 from conveyor.sdk import config as config_module
 from conveyor.sdk import context
@@ -152,15 +153,15 @@ class Runs:
     def reschedule(self, run_id: str, delay: float | datetime) -> Run:
         return self._client.engine.reschedule(run_id, delay)
 
-    def logs(self, run_id: str) -> list[Any]:
+    def logs(self, run_id: str) -> builtins.list[LogLine]:
         self._client.engine.retrieve(run_id)
         return self._client.engine.logs(run_id)
 
-    def attempts(self, run_id: str) -> list[Any]:
+    def attempts(self, run_id: str) -> builtins.list[Attempt]:
         self._client.engine.retrieve(run_id)
         return self._client.engine.attempts(run_id)
 
-    def events(self, run_id: str, after: int = 0) -> list[Any]:
+    def events(self, run_id: str, after: int = 0) -> builtins.list[RunEvent]:
         self._client.engine.retrieve(run_id)
         return self._client.engine.events(run_id, after)
 

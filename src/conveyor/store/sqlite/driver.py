@@ -53,7 +53,7 @@ class SQLiteStore(Store):
         conn = self._conn()
         with translated(self.path, busy_timeout):
             if auto_migrate and migrate.current_version(conn) == 0:
-                migrate.apply(conn, clock.now())
+                migrate.apply(conn, clock.now(), self.path)
             if check_schema:
                 migrate.check(conn, self.path)
 
@@ -94,7 +94,7 @@ class SQLiteStore(Store):
 
     def migrate(self) -> list[int]:
         with translated(self.path, self.busy_timeout):
-            return migrate.apply(self._conn(), self.clock.now())
+            return migrate.apply(self._conn(), self.clock.now(), self.path)
 
     def change_token(self) -> int:
         with translated(self.path, self.busy_timeout):

@@ -42,7 +42,7 @@ def current_version(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
 
 
-def apply(conn: sqlite3.Connection, now: float) -> list[int]:
+def apply(conn: sqlite3.Connection, now: float, location: str) -> list[int]:
     """Apply what is pending, each migration in its own IMMEDIATE transaction. Safe when many
     processes call it at once: the version is re-read under the write lock."""
     applied = []
@@ -55,7 +55,7 @@ def apply(conn: sqlite3.Connection, now: float) -> list[int]:
             )
             have = current_version(conn)
             if have > LATEST:
-                raise too_new(have)
+                raise too_new(have, location)
             if version <= have:
                 conn.execute("COMMIT")
                 continue
@@ -73,9 +73,9 @@ def apply(conn: sqlite3.Connection, now: float) -> list[int]:
     return applied
 
 
-def too_new(have: int) -> SchemaMismatch:
+def too_new(have: int, location: str) -> SchemaMismatch:
     return SchemaMismatch(
-        f"the database has schema version {have}, newer than this Conveyor knows ({LATEST}): "
+        f"the database {location} has schema version {have}, newer than this Conveyor knows ({LATEST}): "
         "upgrade Conveyor before using this database"
     )
 
@@ -83,7 +83,7 @@ def too_new(have: int) -> SchemaMismatch:
 def check(conn: sqlite3.Connection, location: str) -> int:
     have = current_version(conn)
     if have > LATEST:
-        raise too_new(have)
+        raise too_new(have, location)
     if have < LATEST:
         raise SchemaMismatch(
             f"the database {location} has schema version {have}, older than this Conveyor "
