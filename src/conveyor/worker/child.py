@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -104,7 +105,21 @@ def _caller(task: Any, ctx: Any) -> Any:
     return call
 
 
-def entry(conn: Connection, settings: dict[str, Any]) -> None:
+def _exit_with_worker(alive: Connection) -> None:
+    """`alive` is the read end of a pipe only the worker can write to, and never does: EOF
+    means the worker is gone. Its leases will expire and other workers run its runs again, so
+    the code running here must stop now (DECISIONS.md: no run's code outlives its lease)."""
+    try:
+        while True:
+            alive.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def entry(conn: Connection, settings: dict[str, Any], alive: Connection | None = None) -> None:
+    if alive is not None:
+        threading.Thread(target=_exit_with_worker, args=(alive,), name="conveyor-worker-watch", daemon=True).start()
     sys.path[:0] = [p for p in settings["path"] if p not in sys.path]
     try:
         main(conn, settings)

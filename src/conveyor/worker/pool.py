@@ -54,6 +54,9 @@ class SyncPool:
         self._ctx.set_forkserver_preload(["conveyor.worker.child", *preload])
         self._idle: list[_Child] = []
         self._all: set[_Child] = set()
+        # The worker holds the only write end and never writes: when it dies (even by kill -9),
+        # every child sees EOF and ends itself, so no run's code outlives its worker's lease.
+        self._alive_r, self._alive_w = self._ctx.Pipe(duplex=False)
 
     def prewarm(self) -> None:
         """Start one child ahead of the first sync run (a fresh child imports the task modules)."""
@@ -62,7 +65,7 @@ class SyncPool:
 
     def _spawn(self) -> _Child:
         parent_conn, child_conn = self._ctx.Pipe()
-        process = self._ctx.Process(target=child.entry, args=(child_conn, self.settings), daemon=True)
+        process = self._ctx.Process(target=child.entry, args=(child_conn, self.settings, self._alive_r), daemon=True)
         process.start()
         child_conn.close()
         made = _Child(process, parent_conn)
