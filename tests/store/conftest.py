@@ -1,21 +1,48 @@
-"""The store conformance suite: every test here runs against each driver."""
+"""The store conformance suite: every test here runs against each driver.
+
+The PostgreSQL store of each test lives in a fresh schema of its own, dropped afterwards.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 
 from conveyor.core.records import ClaimRequest, Outcome, OutcomeKind, QueueSpec, TaskRecord
 from conveyor.engine import Engine, TriggerOptions
+from conveyor.store.postgres import PostgresStore
 from conveyor.store.sqlite import SQLiteStore
 
+DRIVERS = ["sqlite", "postgres"]
 
-@pytest.fixture(params=["sqlite"])
-def store(request, db_path, clock):
-    s = SQLiteStore(db_path, clock)
+
+@pytest.fixture
+def pg_schema(postgres_url):
+    """A fresh schema name; the schema (if created) is dropped afterwards."""
+    name = f"conveyor_test_{os.urandom(6).hex()}"
+    yield name
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def pg_store(postgres_url, pg_schema, clock):
+    s = PostgresStore(postgres_url, clock, schema=pg_schema, pool_size=4)
     yield s
     s.close()
+
+
+@pytest.fixture(params=DRIVERS)
+def store(request, db_path, clock):
+    if request.param == "sqlite":
+        s = SQLiteStore(db_path, clock)
+        yield s
+        s.close()
+    else:
+        yield request.getfixturevalue("pg_store")
 
 
 @dataclass

@@ -151,3 +151,13 @@ def test_retry_is_requeued_at_its_backoff_time(h, clock):
     clock.advance(11)
     again = h.claim(t)
     assert [x.id for x in again] == [run] and again[0].attempt == 2
+
+
+def test_trigger_key_follows_the_limit_of_the_queue_the_run_is_in(h):
+    t = h.task("t", queue_limit=5)
+    other = h.task("other-task", queue="narrow", queue_limit=1)
+    a1 = h.trigger(t, queue="narrow", concurrency_key="A")
+    h.trigger(t, queue="narrow", concurrency_key="A")
+    b1 = h.trigger(t, queue="narrow", concurrency_key="B")
+    claimed = h.claim(t, other, queues=["narrow"])
+    assert {c.id for c in claimed} == {a1, b1}  # "narrow" allows 1 per key, not t's 5

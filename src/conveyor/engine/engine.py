@@ -33,9 +33,10 @@ from conveyor.core.records import (
     WorkerInfo,
 )
 from conveyor.core.status import RunStatus
-from conveyor.engine.notify import CANCEL, DELAYED, Notifier, parse_address
+from conveyor.engine.notify import CANCEL, DELAYED, WORK, Notifier, parse_address
 from conveyor.engine.options import Limits, TriggerOptions, prepare_run
-from conveyor.store.base import Store
+from conveyor.engine.payload_schema import check_payload
+from conveyor.store.base import Listener, Store, Tx
 
 MAX_BATCH = 1_000
 MAX_BATCH_BYTES = 10 * 1024 * 1024
@@ -77,13 +78,14 @@ class Engine:
         return prepare_run(task, payload_json, options, self.now, self.limits, **derived)  # type: ignore[arg-type]
 
     def trigger_by_id(
-        self, task_id: str, payload_json: str, options: TriggerOptions, **derived: object
+        self, task_id: str, payload_json: str, options: TriggerOptions, connection: object = None, **derived: object
     ) -> tuple[str, bool]:
         """Trigger a task known only from the registry (no code imported)."""
         task = self.task(task_id)
+        check_payload(task_id, task.payload_schema, payload_json)
         if options.queue and options.queue != task.queue:
             self.check_queue(options.queue)
-        return self.insert([self.prepare(task, payload_json, options, **derived)])[0]
+        return self.insert([self.prepare(task, payload_json, options, **derived)], connection)[0]
 
     def check_queue(self, name: str) -> None:
         with self.store.read() as tx:
@@ -93,8 +95,10 @@ class Engine:
         if not known:
             raise UnknownQueue(f"no queue {name!r} in environment {self.environment!r}")
 
-    def insert(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
-        """Insert prepared runs atomically; -> (run id, created) in input order."""
+    def insert(self, runs: Sequence[NewRun], connection: object = None) -> list[tuple[str, bool]]:
+        """Insert prepared runs atomically; -> (run id, created) in input order. With a
+        `connection` (the caller's, to the same database, inside its open transaction) the runs
+        exist iff the caller commits (SPEC §2, transactional enqueue)."""
         if len(runs) > MAX_BATCH:
             raise InvalidOptions(f"a batch takes at most {MAX_BATCH:,} items, got {len(runs):,}")
         if len(runs) > 1:
@@ -104,13 +108,17 @@ class Engine:
             batch_id = new_id("batch")
             for r in runs:
                 r.batch_id = r.batch_id or batch_id
+        if connection is not None:
+            with self.store.transaction_on(connection) as tx:
+                results = tx.run_insert_many(self.environment, runs)
+                # PostgreSQL: NOTIFY at the caller's commit. SQLite: no datagram can wait for
+                # a commit made by someone else; workers notice it by their fallback check.
+                self._wake(tx, _insert_wakes(runs, results))
+            return results
         with self.store.transaction() as tx:
             results = tx.run_insert_many(self.environment, runs)
-        if any(created for _, created in results):
-            if any(r.status is RunStatus.QUEUED for r in runs):
-                self.notifier.wake_workers()
-            if any(r.status is RunStatus.DELAYED for r in runs):
-                self.notifier.wake_workers(DELAYED)
+            unsent = self._wake(tx, _insert_wakes(runs, results))
+        self._send(unsent)
         return results
 
     # --- worker side ------------------------------------------------------------------------------
@@ -134,11 +142,14 @@ class Engine:
                 tx.metadata_apply(run_id, ops, lease_token)
             accepted = tx.run_settle_many(self.environment, outcomes) if outcomes else []
             claimed = tx.run_claim(claim) if claim is not None and claim.limit > 0 else []
-        kinds = {o.kind for o, ok in zip(outcomes, accepted, strict=True) if ok}
-        if OutcomeKind.RELEASED in kinds:  # work for someone else, now
-            self.notifier.wake_workers()
-        if OutcomeKind.RETRY in kinds:  # work later: workers re-plan their maintenance timers
-            self.notifier.wake_workers(DELAYED)
+            kinds = {o.kind for o, ok in zip(outcomes, accepted, strict=True) if ok}
+            wakes = []
+            if OutcomeKind.RELEASED in kinds:  # work for someone else, now
+                wakes.append(WORK)
+            if OutcomeKind.RETRY in kinds:  # work later: workers re-plan their maintenance timers
+                wakes.append(DELAYED)
+            unsent = self._wake(tx, wakes)
+        self._send(unsent)
         return accepted, claimed
 
     def heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
@@ -166,9 +177,33 @@ class Engine:
         that became due in between (they need a wake-up, not a transition)."""
         with self.store.transaction() as tx:
             result = tx.run_maintain(since=since)
-        if result.promoted or result.recovered or result.became_due:
-            self.notifier.wake_workers()
+            unsent = self._wake(tx, [WORK] if result.promoted or result.recovered or result.became_due else [])
+        self._send(unsent)
         return result
+
+    # --- wake-ups -------------------------------------------------------------------------------
+    def _wake(self, tx: Tx, messages: Sequence[bytes], worker_id: str | None = None) -> list[bytes]:
+        """Wake-ups the database delivers when `tx` commits (PostgreSQL NOTIFY); -> the ones
+        left for datagrams after the commit (SQLite)."""
+        return [m for m in messages if not tx.wake(self.environment, m, worker_id)]
+
+    def _send(self, messages: Sequence[bytes]) -> None:
+        for message in messages:
+            self.notifier.wake_workers(message)
+
+    def listen(self, worker_id: str, address: str) -> Listener | None:
+        """Forward the wake-ups the database pushes to this worker (PostgreSQL LISTEN) to its
+        wake socket at `address`. None where producers send the datagrams themselves (SQLite)."""
+        target = parse_address(address)
+        if target is None:
+            return None
+
+        def deliver(message: bytes | None) -> None:
+            # None: some may have been missed (the connection was lost): check everything.
+            for m in [WORK, DELAYED, CANCEL] if message is None else [message]:
+                self.notifier.send([target], m)
+
+        return self.store.listen(self.environment, worker_id, deliver)
 
     # --- runs API -------------------------------------------------------------------------------
     def retrieve(self, run_id: str) -> Run:
@@ -199,7 +234,8 @@ class Engine:
         code and confirms; the run keeps its slots until then. Finished: unchanged."""
         with self.store.transaction() as tx:
             result = tx.run_cancel(self.environment, run_id)
-        if result.stopping:
+            unsent = self._wake(tx, [CANCEL], result.run.worker_id) if result.stopping else []
+        if unsent:
             target = parse_address(result.worker_address)
             if target:
                 self.notifier.send([target], CANCEL)
@@ -271,8 +307,20 @@ class Engine:
         self.queue(name)  # raises UnknownQueue
         with self.store.transaction() as tx:
             info = tx.queue_set_paused(self.environment, name, paused)
+            unsent = self._wake(tx, [] if paused else [WORK])
         if info is None:  # pragma: no cover - the row was just written
             raise InvalidTransition(f"queue {name!r} vanished")
-        if not paused:
-            self.notifier.wake_workers()
+        self._send(unsent)
         return info
+
+
+def _insert_wakes(runs: Sequence[NewRun], results: Sequence[tuple[str, bool]]) -> list[bytes]:
+    """What an insert wakes workers for: runs to claim now, and timers to re-plan."""
+    if not any(created for _, created in results):
+        return []
+    wakes = []
+    if any(r.status is RunStatus.QUEUED for r in runs):
+        wakes.append(WORK)
+    if any(r.status is RunStatus.DELAYED for r in runs):
+        wakes.append(DELAYED)
+    return wakes

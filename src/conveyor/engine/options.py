@@ -152,14 +152,14 @@ def prepare_run(
             raise InvalidOptions(f"{name} must be a non-empty string of at most 512 characters, got {value!r}")
     queue = opts.queue or task.queue
     # DECISIONS.md, "Concurrency": a key with a Concurrency(limit) takes both slots; a key
-    # given only at trigger gets the queue's limit per key and no queue-wide cap.
+    # given only at trigger gets its queue's limit per key (read by the claim, so it follows
+    # the queue the run is in) and no queue-wide cap.
     key_limit: int | None = None
     queue_slot = True
     if key is not None:
         if o.get("key_limit") is not None:
             key_limit = int(o["key_limit"])
         else:
-            key_limit = o.get("queue_limit") if queue == task.queue else None
             queue_slot = False
     metadata = None if opts.metadata is None else dump_json(opts.metadata, "metadata")
     machine = opts.machine or task.machine or DEFAULT_MACHINE

@@ -88,15 +88,15 @@ class Client:
         run = execution.ctx.run
         return {"parent_id": run.id, "root_id": run.root_id or run.id}
 
-    def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
+    def trigger(self, task_id: str, payload: Any = None, *, connection: Any = None, **options: Any) -> RunHandle:
         """Trigger by id. A task defined in this process validates its typed payload; otherwise
         the store's task registry (written by workers) must know the id."""
         local = REGISTRY.find(task_id)
         if local is not None:
-            return local.trigger(payload, **options)  # type: ignore[no-any-return]
+            return local.trigger(payload, connection=connection, **options)  # type: ignore[no-any-return]
         opts = TriggerOptions.from_kwargs(**options)
         payload_json = to_json(payload, f"payload of {task_id}")
-        run_id, _ = self.engine.trigger_by_id(task_id, payload_json, opts, **self.lineage())
+        run_id, _ = self.engine.trigger_by_id(task_id, payload_json, opts, connection, **self.lineage())
         return RunHandle(run_id, self)
 
     async def trigger_async(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:

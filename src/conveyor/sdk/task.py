@@ -206,16 +206,18 @@ class Task(Generic[P, R]):
         """Validate a payload and options into the run a trigger would insert."""
         return self._prepare(*self._trigger_context(), payload, options)
 
-    def trigger(self, payload: Any = None, **options: Any) -> RunHandle:
+    def trigger(self, payload: Any = None, *, connection: Any = None, **options: Any) -> RunHandle:
+        """`connection`: the caller's open psycopg (or sqlite3) connection to the same database;
+        the run is written in its transaction and exists iff the caller commits."""
         client, record, now, lineage = self._trigger_context()
         run = self._prepare(client, record, now, lineage, payload, options)
-        run_id, _ = client.engine.insert([run])[0]
+        run_id, _ = client.engine.insert([run], connection)[0]
         return RunHandle(run_id, client)
 
     async def trigger_async(self, payload: Any = None, **options: Any) -> RunHandle:
         return await asyncio.to_thread(self.trigger, payload, **options)
 
-    def batch_trigger(self, items: list[Any]) -> list[RunHandle]:
+    def batch_trigger(self, items: list[Any], *, connection: Any = None) -> list[RunHandle]:
         """Up to 1,000 items, atomically: all valid or nothing created (the error names the items)."""
         client, record, now, lineage = self._trigger_context()
         runs: list[NewRun] = []
@@ -231,7 +233,7 @@ class Task(Generic[P, R]):
                 f"batch_trigger of {self.id} created nothing; invalid {'; '.join(errors[:20])}"
                 + (f" (+{len(errors) - 20} more)" if len(errors) > 20 else "")
             )
-        return [RunHandle(run_id, client) for run_id, _ in client.engine.insert(runs)]
+        return [RunHandle(run_id, client) for run_id, _ in client.engine.insert(runs, connection)]
 
     async def batch_trigger_async(self, items: list[Any]) -> list[RunHandle]:
         return await asyncio.to_thread(self.batch_trigger, items)

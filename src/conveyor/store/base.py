@@ -10,10 +10,12 @@ so two processes can never both finish, claim or resume one run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 from conveyor.core.clock import Clock
+from conveyor.core.errors import ConfigError
 from conveyor.core.records import (
     Attempt,
     CancelResult,
@@ -35,8 +37,21 @@ from conveyor.core.records import (
 )
 
 
+class Listener(Protocol):
+    """Wake-ups pushed by the database to one worker (see `Store.listen`)."""
+
+    def close(self) -> None: ...
+
+
 class Tx(ABC):
     """One open transaction. Reads see its own writes."""
+
+    # --- wake-ups ---------------------------------------------------------------------------------
+    def wake(self, environment: str, message: bytes, worker_id: str | None = None) -> bool:
+        """Ask the database to wake the environment's workers (or one worker) when this
+        transaction commits, with a one-byte message (engine.notify). False when the driver
+        cannot (SQLite): the engine then sends its datagrams after the commit."""
+        return False
 
     # --- registry -------------------------------------------------------------------------
     @abstractmethod
@@ -158,6 +173,14 @@ class Store(ABC):
         """A read-only snapshot. Write methods must not be called on it."""
         yield  # type: ignore[misc]
 
+    @contextmanager
+    def transaction_on(self, connection: object) -> Iterator[Tx]:
+        """A Tx inside the caller's own open transaction on `connection`, a connection of the
+        driver's library to the same database (psycopg for PostgreSQL, sqlite3 for SQLite).
+        Nothing is committed or rolled back here: what is written exists iff the caller commits."""
+        raise ConfigError(f"the {self.dialect} store cannot write inside a caller's connection")
+        yield  # pragma: no cover
+
     @abstractmethod
     def schema_version(self) -> int: ...
 
@@ -168,6 +191,12 @@ class Store(ABC):
     @abstractmethod
     def change_token(self) -> int:
         """A number that changes when another connection commits (cheap; for polling)."""
+
+    def listen(self, environment: str, worker_id: str, deliver: Callable[[bytes | None], None]) -> Listener | None:
+        """Deliver the wake-ups `Tx.wake` sends to this worker (and to its environment) until
+        closed; `deliver(None)` means some may have been missed. None when the driver has no
+        such channel (SQLite: workers get datagrams instead)."""
+        return None
 
     @abstractmethod
     def close(self) -> None: ...

@@ -16,11 +16,20 @@ def sqlite_path(url: str) -> str:
     return url
 
 
+# Options that only mean something to SQLite (callers pass them whatever the URL).
+_SQLITE_ONLY = ("synchronous", "busy_timeout")
+
+
 def open_store(url: str, clock: Clock = SYSTEM_CLOCK, **options: object) -> Store:
+    """`sqlite:///path.db` (or a bare path) opens SQLiteStore; `postgresql://...` or
+    `postgres://...` opens PostgresStore, in the schema named by `?schema=` or `schema=`."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("the PostgreSQL store is not built yet; use a sqlite:/// URL")
+        from conveyor.store.postgres import PostgresStore
+
+        pg_options = {k: v for k, v in options.items() if k not in _SQLITE_ONLY}
+        return PostgresStore(url, clock, **pg_options)  # type: ignore[arg-type]
     if "://" in url and not url.startswith("sqlite:"):
-        raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///path.db")
+        raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///path.db or postgresql://...")
     from conveyor.store.sqlite import SQLiteStore
 
     return SQLiteStore(sqlite_path(url), clock, **options)  # type: ignore[arg-type]

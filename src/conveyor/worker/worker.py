@@ -142,6 +142,8 @@ class Worker:
         logs.install_capture()
         wake_socket = WakeSocket()
         self._loop.add_reader(wake_socket.fileno(), self._on_datagram, wake_socket)
+        # PostgreSQL: LISTEN/NOTIFY wake-ups, forwarded to the socket (None on SQLite).
+        listener = await self._store(self.engine.listen, self.id, wake_socket.address)
         records = [self.engine_task_record(t) for t in self.tasks.values()]
         await self._store(self.engine.register, records, [t.queue_spec() for t in self.tasks.values()])
         await self._store(
@@ -171,6 +173,8 @@ class Worker:
             await self._main_loop()
         finally:
             self._heartbeat_stop.set()
+            if listener is not None:
+                listener.close()
             self._loop.remove_reader(wake_socket.fileno())
             wake_socket.close()
             with contextlib.suppress(Exception):

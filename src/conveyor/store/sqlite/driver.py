@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
-from conveyor.core.errors import StoreError
+from conveyor.core.errors import ConfigError, StoreError
 from conveyor.store.base import Store
 from conveyor.store.sqlite import migrate
 from conveyor.store.sqlite.connection import (
@@ -87,6 +87,26 @@ class SQLiteStore(Store):
                 yield SQLiteTx(conn, self.clock.now())
             finally:
                 conn.execute("COMMIT")
+
+    @contextmanager
+    def transaction_on(self, connection: object) -> Iterator[SQLiteTx]:
+        """A Tx in the caller's transaction on a sqlite3 connection to this file: the caller
+        commits (the sqlite3 module opens the transaction at the first write, unless the
+        connection is in autocommit mode, where the caller must have run BEGIN)."""
+        if not isinstance(connection, sqlite3.Connection):
+            raise ConfigError(f"connection= takes a sqlite3.Connection to {self.path}, got {type(connection).__name__}")
+        with translated(self.path, self.busy_timeout):
+            files = [row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"]
+        if not files or os.path.realpath(files[0]) != os.path.realpath(self.path):
+            raise ConfigError(f"connection= is to {files[0] if files else 'another database'}, not to {self.path}")
+        autocommit = getattr(connection, "autocommit", None) is True or connection.isolation_level is None
+        if autocommit and not connection.in_transaction:
+            raise ConfigError(
+                "connection= needs an open transaction (run BEGIN first, or leave the sqlite3 module's "
+                "transaction handling on), or the run would be committed on its own"
+            )
+        with translated(self.path, self.busy_timeout):
+            yield SQLiteTx(connection, self.clock.now())
 
     def schema_version(self) -> int:
         with translated(self.path, self.busy_timeout):

@@ -570,7 +570,9 @@ class SQLiteTx(Tx):
                                AND concurrency_key = ? AND status = 'EXECUTING'""",
                             (env, queue, key),
                         )[0]
-                    if key_limit is not None and key_running[key] >= key_limit:
+                    # No limit of its own: a key given at trigger time gets the queue's limit.
+                    effective = key_limit if key_limit is not None else limit
+                    if effective is not None and key_running[key] >= effective:
                         full_keys.append(key)
                         progress = True
                         continue

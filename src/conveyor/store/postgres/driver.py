@@ -1,0 +1,252 @@
+"""PostgresStore: psycopg 3 with a psycopg_pool pool; every transaction on one pooled connection.
+
+Connections are in autocommit mode and each `transaction()` / `read()` issues its own BEGIN, so
+nothing is left open between uses. The configured schema holds every object (`conveyor` unless
+`?schema=` or `schema=` says otherwise).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from conveyor.core.clock import SYSTEM_CLOCK, Clock
+from conveyor.core.errors import ConfigError, SchemaMismatch, StoreBusy, StoreError, StoreReadOnly
+from conveyor.store.base import Listener, Store
+from conveyor.store.postgres import migrate
+from conveyor.store.postgres import sql as q
+from conveyor.store.postgres.listen import PostgresListener
+from conveyor.store.postgres.tx import PostgresTx
+
+_BEGIN = "BEGIN"
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+
+def split_url(url: str) -> tuple[str, str | None]:
+    """A postgresql:// URL -> (the URL psycopg understands, the `schema` query parameter)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = [(k, v) for k, v in query if k != "schema"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+def describe(conninfo: str, schema: str) -> str:
+    """A printable name of the database: no password."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return f"postgresql (schema {schema})"
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = str(params.get("host") or "localhost")
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''} (schema {schema})"
+
+
+def translate(exc: Exception, location: str) -> Exception:
+    """Map psycopg's errors onto Conveyor's hierarchy; every message names the database."""
+    if isinstance(exc, PoolTimeout):
+        return StoreBusy(
+            f"no connection to the database {location} became free in time: raise pool_size, or look "
+            f"for long transactions ({exc})"
+        )
+    if isinstance(exc, pgerrors.UndefinedTable | pgerrors.InvalidSchemaName):
+        return SchemaMismatch(f"the database {location} has no Conveyor schema: run `conveyor migrate` ({exc})")
+    busy = (
+        pgerrors.LockNotAvailable | pgerrors.QueryCanceled | pgerrors.DeadlockDetected | pgerrors.SerializationFailure
+    )
+    if isinstance(exc, busy):
+        return StoreBusy(f"the database {location} is busy: {exc}")
+    if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
+        return StoreReadOnly(f"the database {location} is read-only: {exc}")
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreError(f"cannot reach the database {location}: {exc}")
+    return StoreError(f"database error on {location}: {exc}")
+
+
+@contextmanager
+def translated(location: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.IntegrityError:
+        raise
+    except psycopg.Error as exc:
+        raise translate(exc, location) from exc
+
+
+class PostgresStore(Store):
+    dialect = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        schema: str | None = None,
+        pool_size: int = 10,
+        pool_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        prepare_threshold: int | None = 5,
+        application_name: str = "conveyor",
+        auto_migrate: bool = True,
+        check_schema: bool = True,
+    ) -> None:
+        """`url`: postgresql://user@host:port/db[?schema=name]. `auto_migrate` creates the schema
+        when it does not exist; an existing schema at another version is refused unless
+        `check_schema` is off (for `conveyor migrate`). `prepare_threshold=None` turns server-side
+        prepared statements off (for PgBouncer in transaction mode)."""
+        conninfo, url_schema = split_url(url)
+        self.schema = schema or url_schema or q.DEFAULT_SCHEMA
+        if not q.valid_schema(self.schema):
+            raise ConfigError(f"bad schema name {self.schema!r}: use letters, digits and underscores")
+        self.conninfo = conninfo
+        self.clock = clock
+        self.location = describe(conninfo, self.schema)
+        self.connect_timeout = connect_timeout
+        self.application_name = application_name
+        self._listeners: set[PostgresListener] = set()
+        self._lock = threading.Lock()
+        with translated(self.location), self._direct() as conn:
+            if auto_migrate and migrate.current_version(conn, self.schema) == 0:
+                migrate.apply(conn, self.schema, self._now_param())
+            if check_schema:
+                migrate.check(conn, self.schema, self.location)
+        self.pool = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max(1, pool_size),
+            timeout=pool_timeout,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": prepare_threshold,
+                "connect_timeout": max(1, round(connect_timeout)),
+                "application_name": application_name,
+            },
+            name=f"conveyor:{self.schema}",
+            open=True,
+        )
+
+    # --- connections ------------------------------------------------------------------------------
+    @contextmanager
+    def _direct(self) -> Iterator[psycopg.Connection]:
+        """A connection of its own (opening, migrations): fails fast when the server is down."""
+        conn = psycopg.connect(
+            self.conninfo,
+            autocommit=True,
+            connect_timeout=max(1, round(self.connect_timeout)),
+            application_name=self.application_name,
+        )
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _now_param(self) -> float | None:
+        """The injected clock's time, or None: SQL then uses the database's clock."""
+        return None if self.clock.is_real() else self.clock.now()
+
+    @contextmanager
+    def _session(self, begin: str) -> Iterator[psycopg.Connection]:
+        """A pooled connection inside BEGIN ... COMMIT (ROLLBACK on error). A connection that
+        died while idle in the pool (a server restart) is replaced before anything was done."""
+        with translated(self.location):
+            for attempt in range(3):
+                conn = self.pool.getconn()
+                try:
+                    conn.execute(begin)
+                except BaseException as exc:
+                    self.pool.putconn(conn)  # a broken one is discarded
+                    if isinstance(exc, psycopg.OperationalError) and attempt < 2:
+                        continue
+                    raise
+                break
+            try:
+                try:
+                    yield conn
+                except BaseException:
+                    if not conn.broken:
+                        with suppress(psycopg.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                self.pool.putconn(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresTx]:
+        with self._session(_BEGIN) as conn:
+            yield PostgresTx(conn, self, self._now_param())
+
+    @contextmanager
+    def read(self) -> Iterator[PostgresTx]:
+        with self._session(_BEGIN_READ) as conn:
+            yield PostgresTx(conn, self, self._now_param())
+
+    @contextmanager
+    def transaction_on(self, connection: object) -> Iterator[PostgresTx]:
+        """A Tx in the caller's open transaction on a psycopg connection to this database."""
+        if not isinstance(connection, psycopg.Connection):
+            raise ConfigError(
+                f"connection= takes a psycopg (3) Connection to {self.location}, got {type(connection).__name__}"
+            )
+        status = connection.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            raise ConfigError("connection= is in a failed transaction: roll it back first")
+        if connection.autocommit and status != TransactionStatus.INTRANS:
+            raise ConfigError(
+                "connection= needs an open transaction (autocommit off, or inside `with conn.transaction():`), "
+                "or the run would be committed on its own"
+            )
+        ours = conninfo_to_dict(self.conninfo).get("dbname")
+        if ours and connection.info.dbname != ours:
+            raise ConfigError(f"connection= is to database {connection.info.dbname!r}, not to {self.location}")
+        with translated(self.location):
+            yield PostgresTx(connection, self, self._now_param())
+
+    # --- schema ---------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        with translated(self.location), self.pool.connection() as conn:
+            return migrate.current_version(conn, self.schema)
+
+    def migrate(self) -> list[int]:
+        with translated(self.location), self.pool.connection() as conn:
+            return migrate.apply(conn, self.schema, self._now_param())
+
+    def change_token(self) -> int:
+        with translated(self.location), self.pool.connection() as conn:
+            row = conn.execute(q.CHANGE_TOKEN).fetchone()
+            return int(row[0]) if row else 0
+
+    # --- wake-ups -------------------------------------------------------------------------------
+    def listen(self, environment: str, worker_id: str, deliver: Callable[[bytes | None], None]) -> Listener:
+        channels = [q.environment_channel(self.schema, environment), q.worker_channel(self.schema, worker_id)]
+        with translated(self.location):
+            listener = PostgresListener(
+                self.conninfo, channels, deliver, self.connect_timeout, self._forget, self.application_name
+            )
+        with self._lock:
+            self._listeners.add(listener)
+        return listener
+
+    def _forget(self, listener: Any) -> None:
+        with self._lock:
+            self._listeners.discard(listener)
+
+    def close(self) -> None:
+        with self._lock:
+            listeners, self._listeners = list(self._listeners), set()
+        for listener in listeners:
+            listener.close()
+        self.pool.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.location!r})"

@@ -1,0 +1,467 @@
+"""Every statement the PostgreSQL driver issues, as named constants (no ORM).
+
+Two conventions make one text serve every deployment:
+
+- Tables are written `conveyor.name`; `render` swaps in the configured schema.
+- The current time is the parameter `%(now)s`. With an injected (fake) clock it is passed as a
+  parameter; in production `render` replaces it with the database's clock (`now()`, the start
+  of the transaction), so host clock skew never expires a live lease (DECISIONS.md).
+
+Status guards are in the outer WHERE of every UPDATE: under READ COMMITTED an UPDATE that
+waited for a row lock re-checks only its own WHERE clause against the new row version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+
+DEFAULT_SCHEMA = "conveyor"
+DB_NOW = "(extract(epoch from now())::float8)"
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def valid_schema(name: str) -> bool:
+    return bool(_SCHEMA_NAME.match(name))
+
+
+@lru_cache(maxsize=4096)
+def render(text: str, schema: str, db_clock: bool) -> str:
+    """The statement for one schema and clock mode (cached; statement texts are constants)."""
+    if schema != DEFAULT_SCHEMA:
+        text = text.replace("conveyor.", f'"{schema}".')
+    if db_clock:
+        text = text.replace("%(now)s", DB_NOW)
+    return text
+
+
+def channel(schema: str, name: str) -> str:
+    """A NOTIFY channel name (an identifier: at most 63 bytes)."""
+    full = f"conveyor.{schema}.{name}"
+    if len(full.encode()) <= 63:
+        return full
+    return "conveyor." + hashlib.sha1(full.encode()).hexdigest()[:40]
+
+
+def environment_channel(schema: str, environment: str) -> str:
+    return channel(schema, f"env.{environment}")
+
+
+def worker_channel(schema: str, worker_id: str) -> str:
+    return channel(schema, f"worker.{worker_id}")
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+ENSURE_ENVIRONMENT = """
+INSERT INTO conveyor.environments (name, created_at) VALUES (%(env)s, %(now)s) ON CONFLICT DO NOTHING
+"""
+
+TASK_UPSERT = """
+INSERT INTO conveyor.tasks (environment, task_id, version, queue, machine, options, payload_schema,
+    code_hash, updated_at)
+VALUES (%(env)s, %(task_id)s, %(version)s, %(queue)s, %(machine)s, %(options)s::jsonb, %(schema)s::jsonb,
+    %(code_hash)s, %(now)s)
+ON CONFLICT (environment, task_id, version) DO UPDATE SET queue = excluded.queue,
+    machine = excluded.machine, options = excluded.options, payload_schema = excluded.payload_schema,
+    code_hash = excluded.code_hash, updated_at = excluded.updated_at
+"""
+
+TASK_GET = """
+SELECT task_id, queue, machine, options, payload_schema, code_hash, version, updated_at
+FROM conveyor.tasks WHERE environment = %(env)s AND task_id = %(task_id)s
+ORDER BY updated_at DESC LIMIT 1
+"""
+
+TASK_LIST = """
+SELECT DISTINCT ON (task_id) task_id, queue, machine, options, payload_schema, code_hash, version, updated_at
+FROM conveyor.tasks WHERE environment = %(env)s ORDER BY task_id, updated_at DESC
+"""
+
+QUEUE_UPSERT = """
+INSERT INTO conveyor.queues (environment, name, concurrency_limit, paused, updated_at)
+VALUES (%(env)s, %(name)s, %(limit)s, false, %(now)s)
+ON CONFLICT (environment, name) DO UPDATE SET
+    concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at
+"""
+
+QUEUE_SET_PAUSED = """
+INSERT INTO conveyor.queues (environment, name, concurrency_limit, paused, updated_at)
+VALUES (%(env)s, %(name)s, NULL, %(paused)s, %(now)s)
+ON CONFLICT (environment, name) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at
+"""
+
+QUEUE_STATS = """
+SELECT q.name, q.concurrency_limit, q.paused,
+    (SELECT count(*) FROM conveyor.runs r WHERE r.environment = q.environment AND r.queue = q.name
+        AND r.status = 'QUEUED'),
+    (SELECT count(*) FROM conveyor.runs r WHERE r.environment = q.environment AND r.queue = q.name
+        AND r.status = 'EXECUTING'),
+    (SELECT count(*) FROM conveyor.runs r WHERE r.environment = q.environment AND r.queue = q.name
+        AND r.status = 'DELAYED')
+FROM conveyor.queues q WHERE q.environment = %(env)s AND (%(name)s::text IS NULL OR q.name = %(name)s)
+ORDER BY q.name
+"""
+
+QUEUES_FROM_RUNS = """
+SELECT queue, NULL::integer, false,
+    count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE status = 'EXECUTING'),
+    count(*) FILTER (WHERE status = 'DELAYED')
+FROM conveyor.runs WHERE environment = %(env)s AND status IN ('QUEUED', 'EXECUTING', 'DELAYED')
+GROUP BY queue
+"""
+
+QUEUED_COUNT = """
+SELECT count(*) FROM conveyor.runs WHERE environment = %(env)s AND queue = %(queue)s AND status = 'QUEUED'
+"""
+
+QUEUED_BY_MACHINE = """
+SELECT machine, version, count(*) FROM conveyor.runs
+WHERE environment = %(env)s AND queue = %(queue)s AND status = 'QUEUED' GROUP BY machine, version
+"""
+
+# --- insert -------------------------------------------------------------------------------------
+
+# Keys in key order (ORDER BY), so two batches that share keys lock them in the same order.
+KEY_INSERT_MANY = """
+INSERT INTO conveyor.idempotency_keys (environment, task_id, key, run_id, expires_at)
+SELECT %(env)s, k.task_id, k.key, k.run_id, %(now)s + k.ttl
+FROM unnest(%(task_ids)s::text[], %(keys)s::text[], %(run_ids)s::text[], %(ttls)s::float8[])
+    AS k(task_id, key, run_id, ttl)
+ORDER BY k.task_id, k.key
+ON CONFLICT (environment, task_id, key) DO NOTHING
+RETURNING task_id, key
+"""
+
+KEY_INSERT = """
+INSERT INTO conveyor.idempotency_keys (environment, task_id, key, run_id, expires_at)
+VALUES (%(env)s, %(task_id)s, %(key)s, %(run_id)s, %(now)s + %(ttl)s)
+ON CONFLICT (environment, task_id, key) DO NOTHING
+RETURNING run_id
+"""
+
+KEY_LOCK = """
+SELECT run_id, expires_at > %(now)s FROM conveyor.idempotency_keys
+WHERE environment = %(env)s AND task_id = %(task_id)s AND key = %(key)s
+FOR UPDATE
+"""
+
+KEY_TAKE = """
+UPDATE conveyor.idempotency_keys SET run_id = %(run_id)s, expires_at = %(now)s + %(ttl)s
+WHERE environment = %(env)s AND task_id = %(task_id)s AND key = %(key)s
+"""
+
+KEY_FREE = """
+DELETE FROM conveyor.idempotency_keys
+WHERE environment = %(env)s AND task_id = %(task_id)s AND key = %(key)s AND run_id = %(run_id)s
+"""
+
+RUN_STATUS = "SELECT status FROM conveyor.runs WHERE id = %(id)s"
+
+INSERT_RUN = """
+INSERT INTO conveyor.runs (id, environment, task_id, queue, status, payload, available_at, priority, sort_key,
+    ttl, expires_at, max_attempts, retry, max_duration, concurrency_key, key_limit, queue_slot,
+    idempotency_key, idempotency_key_ttl, tags, metadata, machine, version, parent_id, root_id,
+    batch_id, trace_context, event_seq, created_at, queued_at, updated_at)
+VALUES (%(id)s, %(env)s, %(task_id)s, %(queue)s, %(status)s, %(payload)s::jsonb, %(available_at)s,
+    %(priority)s, %(available_at)s - %(priority)s, %(ttl)s,
+    CASE WHEN %(queued)s THEN %(now)s + %(ttl)s END,
+    %(max_attempts)s, %(retry)s::jsonb, %(max_duration)s, %(concurrency_key)s, %(key_limit)s, %(queue_slot)s,
+    %(idempotency_key)s, %(idempotency_key_ttl)s, %(tags)s::jsonb, %(metadata)s::jsonb, %(machine)s,
+    %(version)s, %(parent_id)s, %(root_id)s, %(batch_id)s, %(trace_context)s, 1, %(now)s,
+    CASE WHEN %(queued)s THEN %(now)s END, %(now)s)
+"""
+
+INSERT_TAG = """
+INSERT INTO conveyor.run_tags (environment, tag, run_id) VALUES (%(env)s, %(tag)s, %(run_id)s)
+ON CONFLICT DO NOTHING
+"""
+
+INSERT_EVENT = """
+INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+VALUES (%(run_id)s, %(seq)s, %(attempt)s, %(kind)s, %(data)s::jsonb, %(now)s)
+"""
+
+# --- claim --------------------------------------------------------------------------------------
+
+QUEUE_READ = """
+SELECT concurrency_limit, paused FROM conveyor.queues WHERE environment = %(env)s AND name = %(queue)s
+"""
+
+# The queue's slot lock. Blocking for the first queue a transaction locks; SKIP LOCKED for any
+# further one (QUEUE_TRY_LOCK), so two claimers that rotate their queues never deadlock.
+QUEUE_LOCK = QUEUE_READ.rstrip() + " FOR UPDATE\n"
+QUEUE_TRY_LOCK = QUEUE_READ.rstrip() + " FOR UPDATE SKIP LOCKED\n"
+
+QUEUE_RUNNING = """
+SELECT count(*) FROM conveyor.runs
+WHERE environment = %(env)s AND queue = %(queue)s AND status = 'EXECUTING' AND queue_slot
+"""
+
+# Per-key locks where no queue lock serialises the claimers (queues without a limit):
+# transaction-level advisory locks, tried without waiting (a key held by another claimer is
+# left to it). 64-bit keys from the schema, environment, queue and key.
+KEY_TRY_LOCKS = """
+SELECT k, pg_try_advisory_xact_lock(hashtextextended(%(scope)s || k, 0))
+FROM unnest(%(keys)s::text[]) AS k
+"""
+
+KEY_RUNNING = """
+SELECT concurrency_key, count(*) FROM conveyor.runs
+WHERE environment = %(env)s AND queue = %(queue)s AND status = 'EXECUTING'
+  AND concurrency_key = ANY(%(keys)s::text[])
+GROUP BY concurrency_key
+"""
+
+CLAIM_CANDIDATES = """
+SELECT id, concurrency_key, key_limit, queue_slot FROM conveyor.runs
+WHERE environment = %(env)s AND queue = %(queue)s AND status = 'QUEUED' AND available_at <= %(now)s
+  AND machine = %(machine)s AND (%(version)s::text IS NULL OR version IS NULL OR version = %(version)s)
+  AND task_id = ANY(%(task_ids)s::text[])
+  AND (concurrency_key IS NULL OR concurrency_key <> ALL(%(full_keys)s::text[]))
+  AND (NOT queue_slot OR %(queue_free)s > 0)
+  AND id <> ALL(%(picked)s::text[])
+ORDER BY sort_key, id
+LIMIT %(window)s
+FOR UPDATE SKIP LOCKED
+"""
+
+CLAIM_UPDATE = """
+UPDATE conveyor.runs SET status = 'EXECUTING', worker_id = %(worker_id)s, lease_token = %(token)s,
+    lease_expires_at = %(now)s + %(lease)s, attempt_count = attempt_count + 1,
+    started_at = coalesce(started_at, %(now)s), expires_at = NULL, segment_started_at = %(now)s,
+    executed_seconds = 0, version = coalesce(version, %(version)s::text), event_seq = event_seq + 1,
+    updated_at = %(now)s
+WHERE id = ANY(%(ids)s::text[]) AND status = 'QUEUED'
+RETURNING id, task_id, queue, payload::text, attempt_count, max_attempts, retry, max_duration,
+    executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key
+"""
+
+ATTEMPT_START = """
+INSERT INTO conveyor.attempts (run_id, number, worker_id, lease_token, status, started_at)
+VALUES (%(run_id)s, %(number)s, %(worker_id)s, %(token)s, 'EXECUTING', %(now)s)
+ON CONFLICT (run_id, number) DO UPDATE SET worker_id = excluded.worker_id,
+    lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL,
+    started_at = excluded.started_at, finished_at = NULL
+"""
+
+# --- settle -------------------------------------------------------------------------------------
+
+_SEGMENT = "executed_seconds = executed_seconds + greatest(0, %(now)s - coalesce(segment_started_at, %(now)s))"
+_UNLEASE = "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL"
+_SETTLE_GUARD = "WHERE id = %(id)s AND lease_token = %(token)s AND status = 'EXECUTING'"
+_SETTLE_RETURNING = "RETURNING event_seq, attempt_count, environment, task_id, idempotency_key"
+
+SETTLE_FINAL = f"""
+UPDATE conveyor.runs SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
+    finished_at = %(now)s, {_SEGMENT}, {_UNLEASE}, event_seq = event_seq + 1, updated_at = %(now)s
+{_SETTLE_GUARD}
+{_SETTLE_RETURNING}
+"""
+
+SETTLE_RETRY = f"""
+UPDATE conveyor.runs SET status = 'QUEUED', error = %(error)s::jsonb, available_at = %(retry_at)s,
+    sort_key = %(retry_at)s - priority, {_SEGMENT}, {_UNLEASE}, event_seq = event_seq + 1, updated_at = %(now)s
+{_SETTLE_GUARD}
+{_SETTLE_RETURNING}
+"""
+
+SETTLE_RELEASE = f"""
+UPDATE conveyor.runs SET status = 'QUEUED', attempt_count = attempt_count - 1, {_UNLEASE},
+    event_seq = event_seq + 1, updated_at = %(now)s
+{_SETTLE_GUARD}
+RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
+"""
+
+ATTEMPT_FINISH = """
+UPDATE conveyor.attempts SET status = %(status)s, error = %(error)s::jsonb, finished_at = %(now)s
+WHERE run_id = %(run_id)s AND number = %(number)s
+"""
+
+ATTEMPT_DELETE = "DELETE FROM conveyor.attempts WHERE run_id = %(run_id)s AND number = %(number)s"
+
+HEARTBEAT = """
+UPDATE conveyor.runs SET lease_expires_at = %(now)s + %(lease)s
+WHERE worker_id = %(worker_id)s AND status = 'EXECUTING' AND id = ANY(%(ids)s::text[])
+RETURNING id, lease_token, cancel_requested
+"""
+
+# The heartbeat's row locks, all or none: it runs beside its worker's own transactions, which
+# lock the same rows in their own order; never holding one lock while waiting for another
+# keeps the two from deadlocking.
+HEARTBEAT_NOWAIT = """
+UPDATE conveyor.runs SET lease_expires_at = %(now)s + %(lease)s
+WHERE id IN (SELECT id FROM conveyor.runs
+             WHERE worker_id = %(worker_id)s AND status = 'EXECUTING' AND id = ANY(%(ids)s::text[])
+             FOR UPDATE NOWAIT)
+  AND worker_id = %(worker_id)s AND status = 'EXECUTING'
+RETURNING id, lease_token, cancel_requested
+"""
+
+WORKER_SEEN = "UPDATE conveyor.workers SET last_seen_at = %(now)s WHERE id = %(worker_id)s"
+
+CANCEL_REQUESTED = """
+SELECT id FROM conveyor.runs WHERE worker_id = %(worker_id)s AND status = 'EXECUTING' AND cancel_requested
+"""
+
+# --- cancel, reschedule -------------------------------------------------------------------------
+
+CANCEL_FLAG = """
+UPDATE conveyor.runs SET cancel_requested = true, updated_at = %(now)s WHERE id = %(id)s AND status = 'EXECUTING'
+"""
+
+WORKER_ADDRESS = "SELECT address FROM conveyor.workers WHERE id = %(worker_id)s"
+
+CANCEL_NOW = """
+UPDATE conveyor.runs SET status = 'CANCELED', finished_at = %(now)s, expires_at = NULL,
+    event_seq = event_seq + 1, updated_at = %(now)s
+WHERE id = %(id)s AND status IN ('QUEUED', 'DELAYED', 'WAITING')
+RETURNING event_seq
+"""
+
+RESCHEDULE = """
+UPDATE conveyor.runs SET available_at = %(at)s, sort_key = %(at)s - priority, updated_at = %(now)s
+WHERE id = %(id)s AND environment = %(env)s AND status = 'DELAYED'
+RETURNING id
+"""
+
+# --- maintenance (any number of processes may run it: SKIP LOCKED, guarded updates) ----------------
+
+PROMOTE_DUE = """
+UPDATE conveyor.runs SET status = 'QUEUED', queued_at = %(now)s,
+    expires_at = CASE WHEN ttl IS NULL THEN NULL ELSE %(now)s + ttl END,
+    event_seq = event_seq + 1, updated_at = %(now)s
+WHERE id IN (SELECT id FROM conveyor.runs WHERE status = 'DELAYED' AND available_at <= %(now)s
+             ORDER BY available_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+  AND status = 'DELAYED'
+RETURNING id, event_seq, queue, environment
+"""
+
+EXPIRE_DUE = """
+UPDATE conveyor.runs SET status = 'EXPIRED', finished_at = %(now)s, expires_at = NULL,
+    error = '{"code":"EXPIRED","message":"not started within its ttl"}'::jsonb,
+    event_seq = event_seq + 1, updated_at = %(now)s
+WHERE id IN (SELECT id FROM conveyor.runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
+             AND expires_at <= %(now)s LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+  AND status = 'QUEUED' AND expires_at <= %(now)s
+RETURNING id, event_seq, environment, task_id, idempotency_key
+"""
+
+LEASES_LOST = """
+SELECT id, lease_token, attempt_count, max_attempts, retry, cancel_requested, queue, environment
+FROM conveyor.runs WHERE status = 'EXECUTING' AND lease_expires_at < %(now)s
+LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+"""
+
+BECAME_DUE = """
+SELECT count(*) FROM conveyor.runs WHERE status = 'QUEUED' AND attempt_count > 0
+  AND available_at > %(since)s AND available_at <= %(now)s
+"""
+
+NEXT_DUE = """
+SELECT min(t) FROM (
+    SELECT min(available_at) AS t FROM conveyor.runs WHERE status = 'DELAYED'
+    UNION ALL SELECT min(available_at) FROM conveyor.runs
+        WHERE status = 'QUEUED' AND attempt_count > 0 AND available_at > %(now)s
+    UNION ALL SELECT min(expires_at) FROM conveyor.runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
+    UNION ALL SELECT min(lease_expires_at) FROM conveyor.runs WHERE status = 'EXECUTING') AS due
+"""
+
+# --- reads --------------------------------------------------------------------------------------
+
+RUN_COLUMNS = (
+    "id, environment, task_id, queue, status, payload, output, error, attempt_count, max_attempts, "
+    "tags, metadata, idempotency_key, concurrency_key, priority, machine, version, parent_id, root_id, "
+    "batch_id, created_at, available_at, started_at, finished_at, updated_at, ttl, max_duration, "
+    "executed_seconds, cancel_requested, worker_id, retry, key_limit, queue_slot, idempotency_key_ttl"
+)
+
+RUN_GET = f"SELECT {RUN_COLUMNS} FROM conveyor.runs WHERE id = %(id)s AND environment = %(env)s"
+RUN_GET_FOR_UPDATE = RUN_GET + " FOR UPDATE"
+
+RUN_STATUS_MANY = """
+SELECT id, status FROM conveyor.runs WHERE environment = %(env)s AND id = ANY(%(ids)s::text[])
+"""
+
+ATTEMPT_LIST = """
+SELECT run_id, number, status, worker_id, started_at, finished_at, error FROM conveyor.attempts
+WHERE run_id = %(run_id)s ORDER BY number
+"""
+
+EVENT_LIST = """
+SELECT run_id, seq, attempt, kind, data, created_at FROM conveyor.run_events
+WHERE run_id = %(run_id)s AND seq > %(after)s ORDER BY seq LIMIT %(limit)s
+"""
+
+FIRST_EVENT = "SELECT created_at, queued_at FROM conveyor.runs WHERE id = %(run_id)s"
+
+LOG_LIST = """
+SELECT run_id, attempt, ts, level, message, attributes FROM conveyor.run_logs WHERE run_id = %(run_id)s
+ORDER BY id LIMIT %(limit)s
+"""
+
+# --- fenced writes during execution -------------------------------------------------------------
+
+# One statement for a batch of lines; only lines whose run still holds the lease are written,
+# in input order.
+LOG_APPEND = """
+INSERT INTO conveyor.run_logs (run_id, attempt, ts, level, message, attributes)
+SELECT l.run_id, l.attempt, l.ts, l.level, l.message, l.attributes::jsonb
+FROM unnest(%(run_ids)s::text[], %(tokens)s::text[], %(attempts)s::integer[], %(ts)s::float8[],
+            %(levels)s::text[], %(messages)s::text[], %(attributes)s::text[])
+     WITH ORDINALITY AS l(run_id, token, attempt, ts, level, message, attributes, n)
+JOIN conveyor.runs r ON r.id = l.run_id AND r.lease_token = l.token AND r.status = 'EXECUTING'
+ORDER BY l.n
+"""
+
+# Metadata operations, applied in SQL so concurrent writers never lose updates.
+METADATA_SET = "jsonb_set(coalesce(metadata, '{}'::jsonb), ARRAY[%(key)s::text], %(value)s::jsonb, true)"
+METADATA_DELETE = "coalesce(metadata, '{}'::jsonb) - %(key)s::text"
+METADATA_INCREMENT = (
+    "jsonb_set(coalesce(metadata, '{}'::jsonb), ARRAY[%(key)s::text], "
+    "to_jsonb(coalesce((metadata ->> %(key)s::text)::numeric, 0) + %(number)s::numeric), true)"
+)
+METADATA_APPEND = """CASE WHEN jsonb_typeof(metadata -> %(key)s::text) = 'array'
+    THEN jsonb_set(metadata, ARRAY[%(key)s::text], (metadata -> %(key)s::text) || jsonb_build_array(%(value)s::jsonb))
+    ELSE jsonb_set(coalesce(metadata, '{}'::jsonb), ARRAY[%(key)s::text], jsonb_build_array(%(value)s::jsonb), true)
+    END"""
+
+METADATA_UPDATE = """
+UPDATE conveyor.runs SET metadata = {expr}, event_seq = event_seq + 1, updated_at = %(now)s
+WHERE {guard} RETURNING metadata, event_seq, attempt_count
+"""
+METADATA_GUARD = "id = %(id)s"
+METADATA_GUARD_LEASED = "id = %(id)s AND lease_token = %(token)s AND status = 'EXECUTING'"
+METADATA_READ = "SELECT metadata FROM conveyor.runs WHERE {guard}"
+
+# --- workers ------------------------------------------------------------------------------------
+
+WORKER_UPSERT = """
+INSERT INTO conveyor.workers (id, environment, host, pid, address, queues, machine, version, started_at,
+    last_seen_at)
+VALUES (%(id)s, %(env)s, %(host)s, %(pid)s, %(address)s, %(queues)s::jsonb, %(machine)s, %(version)s,
+    %(now)s, %(now)s)
+ON CONFLICT (id) DO UPDATE SET environment = excluded.environment, host = excluded.host, pid = excluded.pid,
+    address = excluded.address, queues = excluded.queues, machine = excluded.machine,
+    version = excluded.version, started_at = excluded.started_at, last_seen_at = excluded.last_seen_at
+"""
+
+WORKERS_FORGET = "DELETE FROM conveyor.workers WHERE last_seen_at < %(now)s - 86400"
+
+WORKER_DELETE = "DELETE FROM conveyor.workers WHERE id = %(worker_id)s"
+
+WORKER_LIST = """
+SELECT id, environment, host, pid, address, queues, machine, version, started_at, last_seen_at
+FROM conveyor.workers WHERE (%(env)s::text IS NULL OR environment = %(env)s)
+  AND last_seen_at >= %(now)s - %(live_within)s
+ORDER BY started_at
+"""
+
+NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
+
+NOW = "SELECT extract(epoch from now())::float8"
+
+# Changes whenever any transaction in the cluster takes an id (cheap; the slow safety poll).
+CHANGE_TOKEN = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"

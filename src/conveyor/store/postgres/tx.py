@@ -1,0 +1,894 @@
+"""The PostgreSQL transaction: the run lifecycle with the SQLite driver's semantics, made safe for
+any number of processes on any number of hosts.
+
+What SQLite gets from its single writer, PostgreSQL gets from locks taken inside the
+transaction (READ COMMITTED):
+
+- Claim: candidates `FOR UPDATE SKIP LOCKED`; a queue with a limit is counted only after its
+  `queues` row is locked (`FOR UPDATE`), in a statement that starts after the lock was granted,
+  so it sees every claim committed before; per-key limits in a queue without a limit take a
+  transaction advisory lock per key (tried, never waited for: no deadlocks).
+- Idempotency keys: `INSERT ... ON CONFLICT DO NOTHING` on the keys table decides the owner;
+  a conflicting key is locked (`FOR UPDATE`) and its run's status read in a later statement.
+- Maintenance: candidates `FOR UPDATE SKIP LOCKED`; every UPDATE re-checks the status it
+  comes from in its own WHERE clause.
+- Heartbeat: its row locks all at once or none (NOWAIT under a savepoint, retried), so it
+  never deadlocks with its worker's exchange, which locks the same rows in another order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.rows import tuple_row
+
+from conveyor.core.backoff import RetryPolicy
+from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound
+from conveyor.core.records import (
+    Attempt,
+    CancelResult,
+    ClaimedRun,
+    ClaimRequest,
+    HeartbeatResult,
+    LogLine,
+    MaintenanceResult,
+    MetadataOp,
+    NewRun,
+    Outcome,
+    OutcomeKind,
+    QueueInfo,
+    QueueSpec,
+    Run,
+    RunEvent,
+    RunFilter,
+    TaskRecord,
+    WorkerInfo,
+)
+from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
+from conveyor.store.base import Tx
+from conveyor.store.postgres import sql as q
+
+if TYPE_CHECKING:
+    from conveyor.store.postgres.driver import PostgresStore
+
+_STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
+_WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
+_DEFAULT_KEY_TTL = 30 * 86400.0
+_RENEW_PATIENCE = 2.0  # seconds the heartbeat retries its all-or-none row locks
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _check_key(key: str) -> None:
+    if not key or '"' in key or "\\" in key:
+        raise InvalidOptions(f"metadata key {key!r} must be non-empty and contain no quotes or backslashes")
+
+
+def _row_to_run(row: Sequence[Any]) -> Run:
+    (
+        id_,
+        env,
+        task_id,
+        queue,
+        status,
+        payload,
+        output,
+        error,
+        attempts,
+        max_attempts,
+        tags,
+        metadata,
+        idem,
+        ckey,
+        priority,
+        machine,
+        version,
+        parent_id,
+        root_id,
+        batch_id,
+        created_at,
+        available_at,
+        started_at,
+        finished_at,
+        updated_at,
+        ttl,
+        max_duration,
+        executed,
+        cancel_requested,
+        worker_id,
+        retry,
+        key_limit,
+        queue_slot,
+        idempotency_key_ttl,
+    ) = row
+    return Run(
+        id=id_,
+        environment=env,
+        task_id=task_id,
+        queue=queue,
+        status=RunStatus(status),
+        payload=payload,
+        output=output,
+        error=error,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        tags=tags or [],
+        metadata=metadata or {},
+        idempotency_key=idem,
+        concurrency_key=ckey,
+        priority=priority,
+        machine=machine,
+        version=version,
+        parent_id=parent_id,
+        root_id=root_id,
+        batch_id=batch_id,
+        created_at=created_at,
+        available_at=available_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        updated_at=updated_at,
+        ttl=ttl,
+        max_duration=max_duration,
+        executed_seconds=executed,
+        cancel_requested=bool(cancel_requested),
+        worker_id=worker_id,
+        retry=retry,
+        key_limit=key_limit,
+        queue_slot=bool(queue_slot),
+        idempotency_key_ttl=idempotency_key_ttl,
+    )
+
+
+class PostgresTx(Tx):
+    def __init__(self, conn: psycopg.Connection, store: PostgresStore, now: float | None) -> None:
+        """`now` is the injected clock's time, or None to use the database's clock."""
+        self.conn = conn
+        # Our own cursor with tuple rows: a caller's connection (transactional enqueue) may
+        # have another row factory.
+        self.cur = conn.cursor(row_factory=tuple_row)
+        self.store = store
+        self.schema = store.schema
+        self._db_clock = now is None
+        self._now = now
+        self._notified: set[tuple[str, str]] = set()
+        self._holds_queue_lock = False
+
+    # --- plumbing -----------------------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        """The transaction's time, for the few computations made in Python (retry times)."""
+        if self._now is None:
+            self._now = float(self._one(q.NOW)[0])
+        return self._now
+
+    def _sql(self, text: str) -> str:
+        return q.render(text, self.schema, self._db_clock)
+
+    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not self._db_clock:
+            params["now"] = self._now
+        return params
+
+    def _exec(self, text: str, params: dict[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        return self.cur.execute(self._sql(text), self._params(params or {}))
+
+    def _one(self, text: str, params: dict[str, Any] | None = None) -> Any:
+        return self._exec(text, params).fetchone()
+
+    def _all(self, text: str, params: dict[str, Any] | None = None) -> list[Any]:
+        return self._exec(text, params).fetchall()
+
+    def _many(self, text: str, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with self.conn.cursor(row_factory=tuple_row) as cur:
+                cur.executemany(self._sql(text), [self._params(r) for r in rows])
+
+    # --- wake-ups -------------------------------------------------------------------------------
+    def wake(self, environment: str, message: bytes, worker_id: str | None = None) -> bool:
+        """NOTIFY, delivered when (and only if) this transaction commits; PostgreSQL folds
+        identical notifications of one transaction into one."""
+        if worker_id is not None:
+            target = q.worker_channel(self.schema, worker_id)
+        else:
+            target = q.environment_channel(self.schema, environment)
+        key = (target, message.decode())
+        if key not in self._notified:
+            self._notified.add(key)
+            self.conn.execute(q.NOTIFY, {"channel": key[0], "payload": key[1]})
+        return True
+
+    # --- registry -------------------------------------------------------------------------------
+    def _ensure_environment(self, environment: str) -> None:
+        self._exec(q.ENSURE_ENVIRONMENT, {"env": environment})
+
+    def task_upsert_many(self, environment: str, tasks: Sequence[TaskRecord]) -> None:
+        self._ensure_environment(environment)
+        # Sorted: two workers registering the same tasks lock their rows in the same order.
+        self._many(
+            q.TASK_UPSERT,
+            [
+                {
+                    "env": environment,
+                    "task_id": t.task_id,
+                    "version": t.version,
+                    "queue": t.queue,
+                    "machine": t.machine,
+                    "options": json.dumps(t.options),
+                    "schema": _dumps(t.payload_schema),
+                    "code_hash": t.code_hash,
+                }
+                for t in sorted(tasks, key=lambda t: (t.task_id, t.version))
+            ],
+        )
+
+    def task_get(self, environment: str, task_id: str) -> TaskRecord | None:
+        row = self._one(q.TASK_GET, {"env": environment, "task_id": task_id})
+        return None if row is None else self._task(row)
+
+    def task_list(self, environment: str) -> list[TaskRecord]:
+        return [self._task(r) for r in self._all(q.TASK_LIST, {"env": environment})]
+
+    @staticmethod
+    def _task(row: Sequence[Any]) -> TaskRecord:
+        task_id, queue, machine, options, schema, code_hash, version, updated_at = row
+        return TaskRecord(
+            task_id=task_id,
+            queue=queue,
+            machine=machine,
+            options=options,
+            payload_schema=schema,
+            code_hash=code_hash,
+            version=version,
+            updated_at=updated_at,
+        )
+
+    def queue_upsert_many(self, environment: str, queues: Sequence[QueueSpec]) -> None:
+        self._ensure_environment(environment)
+        self._many(
+            q.QUEUE_UPSERT,
+            [
+                {"env": environment, "name": spec.name, "limit": spec.concurrency_limit}
+                for spec in sorted(queues, key=lambda s: s.name)
+            ],
+        )
+
+    def queue_get(self, environment: str, name: str) -> QueueInfo | None:
+        row = self._one(q.QUEUE_STATS, {"env": environment, "name": name})
+        return None if row is None else self._queue_info(environment, row)
+
+    def queue_list(self, environment: str) -> list[QueueInfo]:
+        # Queues that only exist because runs name them are listed too.
+        rows = self._all(q.QUEUE_STATS, {"env": environment, "name": None})
+        known = {r[0] for r in rows}
+        rows += [r for r in self._all(q.QUEUES_FROM_RUNS, {"env": environment}) if r[0] not in known]
+        return sorted((self._queue_info(environment, r) for r in rows), key=lambda info: info.name)
+
+    def _queue_info(self, environment: str, row: Sequence[Any]) -> QueueInfo:
+        name, limit, paused, queued, running, delayed = row
+        info = QueueInfo(
+            name=name,
+            concurrency_limit=limit,
+            paused=bool(paused),
+            queued=queued or 0,
+            running=running or 0,
+            delayed=delayed or 0,
+        )
+        if info.queued:
+            info.unservable = self._unservable(environment, name)
+        return info
+
+    def _unservable(self, environment: str, queue: str) -> int:
+        """Queued runs that no live worker can serve (its machine or version is missing)."""
+        workers = self.worker_list(environment)
+        servers = [(w.machine, w.version) for w in workers if not w.queues or queue in w.queues]
+        params = {"env": environment, "queue": queue}
+        if not servers:
+            return int(self._one(q.QUEUED_COUNT, params)[0])
+        return sum(
+            n
+            for machine, version, n in self._all(q.QUEUED_BY_MACHINE, params)
+            if not any(m == machine and (v is None or version is None or v == version) for m, v in servers)
+        )
+
+    def queue_set_paused(self, environment: str, name: str, paused: bool) -> QueueInfo | None:
+        self._ensure_environment(environment)
+        self._exec(q.QUEUE_SET_PAUSED, {"env": environment, "name": name, "paused": paused})
+        return self.queue_get(environment, name)
+
+    # --- runs: insert ---------------------------------------------------------------------------
+    def run_insert_many(self, environment: str, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        results: list[tuple[str, bool]] = [(r.id, True) for r in runs]
+        owners = self._take_keys(environment, runs)
+        fresh: list[NewRun] = []
+        for i, run in enumerate(runs):
+            if run.idempotency_key is not None:
+                owner = owners[(run.task_id, run.idempotency_key)]
+                if owner != run.id:
+                    results[i] = (owner, False)
+                    continue
+            fresh.append(run)
+        if not fresh:
+            return results
+        self._many(
+            q.INSERT_RUN,
+            [
+                {
+                    "id": r.id,
+                    "env": environment,
+                    "task_id": r.task_id,
+                    "queue": r.queue,
+                    "status": r.status.value,
+                    "payload": r.payload,
+                    "available_at": float(r.available_at),
+                    "priority": r.priority,
+                    "ttl": r.ttl,
+                    "queued": r.status is RunStatus.QUEUED,
+                    "max_attempts": r.max_attempts,
+                    "retry": r.retry,
+                    "max_duration": r.max_duration,
+                    "concurrency_key": r.concurrency_key,
+                    "key_limit": r.key_limit,
+                    "queue_slot": bool(r.queue_slot),
+                    "idempotency_key": r.idempotency_key,
+                    "idempotency_key_ttl": r.idempotency_key_ttl,
+                    "tags": _dumps(r.tags) if r.tags else None,
+                    "metadata": r.metadata,
+                    "machine": r.machine,
+                    "version": r.version,
+                    "parent_id": r.parent_id,
+                    "root_id": r.root_id,
+                    "batch_id": r.batch_id,
+                    "trace_context": r.trace_context,
+                }
+                for r in fresh
+            ],
+        )
+        # Event 1 (the run's first status) is not written: event_list derives it from the row.
+        self._many(q.INSERT_TAG, [{"env": environment, "tag": tag, "run_id": r.id} for r in fresh for tag in r.tags])
+        return results
+
+    def _take_keys(self, environment: str, runs: Sequence[NewRun]) -> dict[tuple[str, str], str]:
+        """The run owning each idempotency key of the batch: a live run already holding it, or
+        the first item of the batch with that key (which then holds it)."""
+        wanted: dict[tuple[str, str], NewRun] = {}
+        for run in runs:
+            if run.idempotency_key is not None:
+                wanted.setdefault((run.task_id, run.idempotency_key), run)
+        if not wanted:
+            return {}
+        owners: dict[tuple[str, str], str] = {}
+        ordered = sorted(wanted)
+        ttls = [self._key_ttl(wanted[k]) for k in ordered]
+        inserted = self._all(
+            q.KEY_INSERT_MANY,
+            {
+                "env": environment,
+                "task_ids": [k[0] for k in ordered],
+                "keys": [k[1] for k in ordered],
+                "run_ids": [wanted[k].id for k in ordered],
+                "ttls": ttls,
+            },
+        )
+        for task_id, key in inserted:
+            owners[(task_id, key)] = wanted[(task_id, key)].id
+        # Keys someone else holds, in key order: keep theirs if it is live, else take it over.
+        for k in ordered:
+            if k not in owners:
+                owners[k] = self._contend_key(environment, wanted[k])
+        return owners
+
+    @staticmethod
+    def _key_ttl(run: NewRun) -> float:
+        return float(run.idempotency_key_ttl) if run.idempotency_key_ttl is not None else _DEFAULT_KEY_TTL
+
+    def _contend_key(self, environment: str, run: NewRun) -> str:
+        assert run.idempotency_key is not None
+        params = {
+            "env": environment,
+            "task_id": run.task_id,
+            "key": run.idempotency_key,
+            "run_id": run.id,
+            "ttl": self._key_ttl(run),
+        }
+        while True:
+            row = self._one(q.KEY_LOCK, params)
+            if row is None:  # freed since our insert found it: try to insert again
+                if self._one(q.KEY_INSERT, params) is not None:
+                    return run.id
+                continue
+            owner, unexpired = row
+            # A separate statement, so it sees the owner's run even if it committed while we
+            # waited for the key's lock.
+            found = self._one(q.RUN_STATUS, {"id": owner})
+            if found is not None and (not RunStatus(found[0]).finished or unexpired):
+                return str(owner)
+            self._exec(q.KEY_TAKE, params)
+            return run.id
+
+    # --- runs: claim ----------------------------------------------------------------------------
+    def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        """Round-robin over the queues with free capacity: each pass offers every queue an equal
+        share of what is left; a queue that could not fill its share drops out."""
+        token = os.urandom(8).hex()
+        rows: list[Any] = []
+        remaining = request.limit
+        candidates = list(request.queues)
+        while remaining > 0 and candidates:
+            share = -(-remaining // len(candidates))
+            still_full = []
+            for queue in candidates:
+                want = min(share, remaining)
+                if want <= 0:
+                    break
+                picked = self._pick(request, queue, want)
+                if picked:
+                    # Start them now, so the next pass counts them against the limits.
+                    rows += self._all(
+                        q.CLAIM_UPDATE,
+                        {
+                            "worker_id": request.worker_id,
+                            "token": token,
+                            "lease": float(request.lease_seconds),
+                            "version": request.version,
+                            "ids": picked,
+                        },
+                    )
+                    remaining -= len(picked)
+                if len(picked) == want:
+                    still_full.append(queue)
+            candidates = still_full
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (r[21], r[0]))
+        self._many(
+            q.ATTEMPT_START,
+            [{"run_id": r[0], "number": r[4], "worker_id": request.worker_id, "token": token} for r in rows],
+        )
+        executing = _STATUS_EVENT[RunStatus.EXECUTING]
+        self._many(
+            q.INSERT_EVENT,
+            [{"run_id": r[0], "seq": r[20], "attempt": r[4], "kind": "status", "data": executing} for r in rows],
+        )
+        return [
+            ClaimedRun(
+                id=r[0],
+                task_id=r[1],
+                queue=r[2],
+                payload=r[3],
+                attempt=r[4],
+                lease_token=token,
+                max_attempts=r[5],
+                retry=r[6],
+                max_duration=r[7],
+                executed_seconds=r[8],
+                tags=r[9] or [],
+                metadata=r[10] or {},
+                concurrency_key=r[11],
+                idempotency_key=r[12],
+                machine=r[13],
+                version=r[14],
+                parent_id=r[15],
+                root_id=r[16],
+                batch_id=r[17],
+                created_at=r[18],
+                started_at=r[19],
+            )
+            for r in rows
+        ]
+
+    def _lock_queue(self, env: str, queue: str) -> Any:
+        """Lock the queue's row (its slot lock) until commit; None if another claimer holds it
+        and this transaction already holds another queue's lock (waiting then could deadlock)."""
+        statement = q.QUEUE_TRY_LOCK if self._holds_queue_lock else q.QUEUE_LOCK
+        row = self._one(statement, {"env": env, "queue": queue})
+        if row is not None:
+            self._holds_queue_lock = True
+        return row
+
+    def _pick(self, request: ClaimRequest, queue: str, want: int) -> list[str]:
+        """Admission checks for one queue: paused, the queue's slots, each key's slots."""
+        env = request.environment
+        params = {"env": env, "queue": queue}
+        row = self._one(q.QUEUE_READ, params)
+        limit, paused = (row[0], row[1]) if row else (None, False)
+        if paused:
+            return []
+        queue_locked = False
+        if limit is not None:
+            row = self._lock_queue(env, queue)
+            if row is None:
+                return []
+            limit, paused = row
+            queue_locked = True
+            if paused:
+                return []
+        if limit is None:
+            queue_free = want
+        else:
+            # A statement of its own, begun after the lock was granted: it sees every claim
+            # committed by the previous holder.
+            queue_free = limit - int(self._one(q.QUEUE_RUNNING, params)[0])
+        picked: list[str] = []
+        full_keys: list[str] = []
+        key_running: dict[str, int] = {}
+        while len(picked) < want:
+            window = want - len(picked)
+            candidates = self._all(
+                q.CLAIM_CANDIDATES,
+                {
+                    "env": env,
+                    "queue": queue,
+                    "machine": request.machine,
+                    "version": request.version,
+                    "task_ids": request.task_ids,
+                    "full_keys": full_keys,
+                    "queue_free": queue_free,
+                    "picked": picked,
+                    "window": window,
+                },
+            )
+            new_keys = sorted({c[1] for c in candidates if c[1] is not None and c[1] not in key_running})
+            if new_keys:
+                self._count_keys(env, queue, new_keys, queue_locked, key_running)
+            progress = False
+            for run_id, key, key_limit, queue_slot in candidates:
+                if queue_slot and queue_free <= 0:
+                    continue
+                if key is not None:
+                    if key in full_keys:
+                        continue
+                    running = key_running[key]
+                    # No limit of its own: a key given at trigger time gets the queue's limit.
+                    effective = key_limit if key_limit is not None else limit
+                    if running < 0 or (effective is not None and running >= effective):
+                        full_keys.append(key)  # full, or being admitted by another claimer
+                        progress = True
+                        continue
+                    key_running[key] = running + 1
+                picked.append(run_id)
+                progress = True
+                if queue_slot:
+                    queue_free -= 1
+                if len(picked) >= want:
+                    break
+            if len(candidates) < window or not progress:
+                break
+        return picked
+
+    def _count_keys(self, env: str, queue: str, keys: list[str], queue_locked: bool, out: dict[str, int]) -> None:
+        """Running counts of `keys` into `out` (-1: another claimer holds the key's lock)."""
+        if not queue_locked:
+            scope = f"{self.schema}\x1f{env}\x1f{queue}\x1f"
+            locks = self._all(q.KEY_TRY_LOCKS, {"scope": scope, "keys": keys})
+            for key, got in locks:
+                if not got:
+                    out[key] = -1
+            keys = [k for k in keys if k not in out]
+        if keys:
+            # After the locks: a statement of its own sees every claim of the previous holder.
+            counts = dict(self._all(q.KEY_RUNNING, {"env": env, "queue": queue, "keys": keys}))
+            for key in keys:
+                out[key] = int(counts.get(key, 0))
+
+    # --- runs: settle ---------------------------------------------------------------------------
+    def run_settle_many(self, environment: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        return [self._settle(o, attempt_status=None) for o in outcomes]
+
+    def _settle(self, o: Outcome, attempt_status: str | None) -> bool:
+        error = _dumps(o.error)
+        guard = {"id": o.run_id, "token": o.lease_token}
+        if o.kind == OutcomeKind.COMPLETED:
+            status = RunStatus.COMPLETED
+            row = self._one(q.SETTLE_FINAL, {**guard, "status": status.value, "output": o.output, "error": None})
+        elif o.kind == OutcomeKind.RETRY:
+            status = RunStatus.QUEUED
+            retry_at = float(o.retry_at) if o.retry_at is not None else None
+            row = self._one(q.SETTLE_RETRY, {**guard, "error": error, "retry_at": retry_at})
+        elif o.kind == OutcomeKind.FAILED:
+            status = o.status
+            row = self._one(q.SETTLE_FINAL, {**guard, "status": status.value, "output": None, "error": error})
+        elif o.kind == OutcomeKind.RELEASED:
+            status = RunStatus.QUEUED
+            row = self._one(q.SETTLE_RELEASE, guard)
+        else:
+            raise ValueError(f"unknown outcome kind {o.kind!r}")
+        if row is None:
+            return False
+        seq, attempt, environment, task_id, idem = row
+        if o.kind == OutcomeKind.RELEASED:
+            self._exec(q.ATTEMPT_DELETE, {"run_id": o.run_id, "number": attempt})
+        else:
+            if attempt_status is None:
+                attempt_status = (
+                    "COMPLETED"
+                    if status is RunStatus.COMPLETED
+                    else ("FAILED" if status is RunStatus.QUEUED else status.value)
+                )
+            self._exec(
+                q.ATTEMPT_FINISH, {"status": attempt_status, "error": error, "run_id": o.run_id, "number": attempt}
+            )
+        data = (
+            _STATUS_EVENT[status]
+            if o.kind != OutcomeKind.RETRY
+            else json.dumps({"status": "QUEUED", "retry_at": o.retry_at})
+        )
+        self._exec(q.INSERT_EVENT, {"run_id": o.run_id, "seq": seq, "attempt": attempt, "kind": "status", "data": data})
+        if idem is not None and status in FREES_IDEMPOTENCY_KEY:
+            self._free_key(environment, task_id, idem, o.run_id)
+        return True
+
+    def _free_key(self, environment: str, task_id: str, key: str, run_id: str) -> None:
+        self._exec(q.KEY_FREE, {"env": environment, "task_id": task_id, "key": key, "run_id": run_id})
+
+    def run_heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
+        params = {"lease": float(lease_seconds), "worker_id": worker_id, "ids": list(run_ids)}
+        rows = self._renew(params) if run_ids else []
+        self._exec(q.WORKER_SEEN, {"worker_id": worker_id})
+        return HeartbeatResult(renewed={r[0]: r[1] for r in rows}, cancel_requested=[r[0] for r in rows if r[2]])
+
+    def _renew(self, params: dict[str, Any]) -> list[Any]:
+        """Renew with every row lock taken at once (NOWAIT, under a savepoint); when one is busy,
+        let go of all and try again shortly: the worker's own exchange, which locks the same
+        rows in its own order, is never left waiting on the heartbeat."""
+        deadline = time.monotonic() + _RENEW_PATIENCE
+        pause = 0.002
+        while time.monotonic() < deadline:
+            self.conn.execute("SAVEPOINT conveyor_renew")
+            try:
+                rows = self._all(q.HEARTBEAT_NOWAIT, params)
+            except pgerrors.LockNotAvailable:
+                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_renew")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            self.conn.execute("RELEASE SAVEPOINT conveyor_renew")
+            return rows
+        # Busy for that long: wait like any statement (PostgreSQL breaks a rare deadlock).
+        return self._all(q.HEARTBEAT, params)
+
+    def run_cancel_requested(self, worker_id: str) -> list[str]:
+        return [r[0] for r in self._all(q.CANCEL_REQUESTED, {"worker_id": worker_id})]
+
+    # --- runs: cancel, reschedule ---------------------------------------------------------------
+    def run_cancel(self, environment: str, run_id: str) -> CancelResult:
+        # Locked: no claim or settle can change its status between the read and the update.
+        row = self._one(q.RUN_GET_FOR_UPDATE, {"id": run_id, "env": environment})
+        if row is None:
+            raise RunNotFound(f"no run {run_id} in environment {environment!r}")
+        run = _row_to_run(row)
+        if run.status.finished:
+            return CancelResult(run=run, stopping=False)
+        if run.status is RunStatus.EXECUTING:
+            self._exec(q.CANCEL_FLAG, {"id": run_id})
+            found = self._one(q.WORKER_ADDRESS, {"worker_id": run.worker_id})
+            run.cancel_requested = True
+            return CancelResult(run=run, stopping=True, worker_address=found[0] if found else None)
+        seq = self._one(q.CANCEL_NOW, {"id": run_id})
+        if seq is None:  # pragma: no cover - the row is locked; impossible
+            raise InvalidTransition(f"run {run_id} changed status while being canceled")
+        self._exec(
+            q.INSERT_EVENT,
+            {
+                "run_id": run_id,
+                "seq": seq[0],
+                "attempt": run.attempts or None,
+                "kind": "status",
+                "data": _STATUS_EVENT[RunStatus.CANCELED],
+            },
+        )
+        updated = self.run_get(environment, run_id)
+        assert updated is not None
+        return CancelResult(run=updated, stopping=False)
+
+    def run_reschedule(self, environment: str, run_id: str, available_at: float) -> Run:
+        row = self._one(q.RESCHEDULE, {"at": float(available_at), "id": run_id, "env": environment})
+        if row is None:
+            run = self.run_get(environment, run_id)
+            if run is None:
+                raise RunNotFound(f"no run {run_id} in environment {environment!r}")
+            raise InvalidTransition(f"run {run_id} is {run.status.value}; only a DELAYED run can be rescheduled")
+        run = self.run_get(environment, run_id)
+        assert run is not None
+        return run
+
+    # --- maintenance ----------------------------------------------------------------------------
+    def run_maintain(self, limit: int = 500, since: float | None = None) -> MaintenanceResult:
+        result = MaintenanceResult()
+        promoted = self._all(q.PROMOTE_DUE, {"limit": limit})
+        queued = _STATUS_EVENT[RunStatus.QUEUED]
+        self._many(
+            q.INSERT_EVENT,
+            [{"run_id": r[0], "seq": r[1], "attempt": None, "kind": "status", "data": queued} for r in promoted],
+        )
+        result.promoted = len(promoted)
+        result.changed_queues.update(r[2] for r in promoted)
+
+        expired = self._all(q.EXPIRE_DUE, {"limit": limit})
+        expired_event = _STATUS_EVENT[RunStatus.EXPIRED]
+        self._many(
+            q.INSERT_EVENT,
+            [{"run_id": r[0], "seq": r[1], "attempt": None, "kind": "status", "data": expired_event} for r in expired],
+        )
+        for run_id, _seq, env, task_id, idem in expired:
+            if idem is not None:
+                self._free_key(env, task_id, idem, run_id)
+        result.expired = len(expired)
+
+        lost = self._all(q.LEASES_LOST, {"limit": limit})
+        for run_id, token, attempt, max_attempts, retry, cancel_requested, queue, _env in lost:
+            if cancel_requested:
+                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CANCELED)
+            elif attempt < max_attempts:
+                delay = RetryPolicy.from_dict(retry).delay_after(attempt)
+                outcome = Outcome(run_id, token, OutcomeKind.RETRY, error=_WORKER_LOST, retry_at=self.now + delay)
+            else:
+                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CRASHED)
+            if self._settle(outcome, attempt_status="WORKER_LOST"):
+                result.recovered += 1
+                result.changed_queues.add(queue)
+
+        if since is not None:
+            result.became_due = int(self._one(q.BECAME_DUE, {"since": float(since)})[0])
+        result.next_due = self._one(q.NEXT_DUE)[0]
+        return result
+
+    # --- reads ----------------------------------------------------------------------------------
+    def run_get(self, environment: str, run_id: str) -> Run | None:
+        row = self._one(q.RUN_GET, {"id": run_id, "env": environment})
+        return None if row is None else _row_to_run(row)
+
+    def run_status_many(self, environment: str, run_ids: Sequence[str]) -> dict[str, str]:
+        rows = self._all(q.RUN_STATUS_MANY, {"env": environment, "ids": list(run_ids)})
+        return {r[0]: r[1] for r in rows}
+
+    def run_list(self, environment: str, flt: RunFilter) -> list[Run]:
+        where = ["environment = %(env)s"]
+        params: dict[str, Any] = {"env": environment}
+        if flt.task:
+            where.append("task_id = %(task)s")
+            params["task"] = flt.task
+        if flt.status:
+            where.append("status = ANY(%(statuses)s::text[])")
+            params["statuses"] = [RunStatus(s).value for s in flt.status]
+        if flt.tags:
+            where.append(
+                "id IN (SELECT run_id FROM conveyor.run_tags WHERE environment = %(env)s "
+                "AND tag = ANY(%(tags)s::text[]))"
+            )
+            params["tags"] = list(flt.tags)
+        for column, value, op in (
+            ("created_at", flt.created_after, ">"),
+            ("created_at", flt.created_before, "<"),
+            ("batch_id", flt.batch_id, "="),
+            ("parent_id", flt.parent_id, "="),
+        ):
+            if value is not None:
+                name = f"p_{column}_{len(params)}"
+                where.append(f"{column} {op} %({name})s")
+                params[name] = value
+        if flt.cursor:
+            where.append("id < %(cursor)s")
+            params["cursor"] = flt.cursor
+        params["limit"] = max(1, min(flt.limit, 1000))
+        text = f"SELECT {q.RUN_COLUMNS} FROM conveyor.runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %(limit)s"
+        return [_row_to_run(r) for r in self._all(text, params)]
+
+    def attempt_list(self, run_id: str) -> list[Attempt]:
+        rows = self._all(q.ATTEMPT_LIST, {"run_id": run_id})
+        return [Attempt(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def event_list(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[RunEvent]:
+        rows = self._all(q.EVENT_LIST, {"run_id": run_id, "after": after_seq, "limit": limit})
+        events = [RunEvent(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        if after_seq < 1:
+            first = self._first_event(run_id)
+            if first is not None:
+                events.insert(0, first)
+        return events[:limit]
+
+    def _first_event(self, run_id: str) -> RunEvent | None:
+        """Event 1, the status a run was created in, derived from the row (as on SQLite)."""
+        row = self._one(q.FIRST_EVENT, {"run_id": run_id})
+        if row is None:
+            return None
+        created_at, queued_at = row
+        status = RunStatus.QUEUED if queued_at == created_at else RunStatus.DELAYED
+        return RunEvent(run_id, 1, None, "status", {"status": status.value}, created_at)
+
+    def log_list(self, run_id: str, limit: int = 10_000) -> list[LogLine]:
+        rows = self._all(q.LOG_LIST, {"run_id": run_id, "limit": limit})
+        return [LogLine(r[0], "", r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    # --- fenced writes during execution ---------------------------------------------------------
+    def log_append_many(self, lines: Sequence[LogLine]) -> int:
+        if not lines:
+            return 0
+        cur = self._exec(
+            q.LOG_APPEND,
+            {
+                "run_ids": [ln.run_id for ln in lines],
+                "tokens": [ln.lease_token for ln in lines],
+                "attempts": [ln.attempt for ln in lines],
+                "ts": [float(ln.ts) for ln in lines],
+                "levels": [ln.level for ln in lines],
+                "messages": [ln.message for ln in lines],
+                "attributes": [_dumps(ln.attributes) for ln in lines],
+            },
+        )
+        return max(cur.rowcount, 0)
+
+    def metadata_apply(
+        self, run_id: str, ops: Sequence[MetadataOp], lease_token: str | None = None
+    ) -> dict[str, object] | None:
+        guard = q.METADATA_GUARD_LEASED if lease_token else q.METADATA_GUARD
+        guard_params: dict[str, Any] = {"id": run_id, "token": lease_token} if lease_token else {"id": run_id}
+        row = None
+        for op in ops:
+            _check_key(op.key)
+            params: dict[str, Any] = {"key": op.key}
+            if op.op == "set":
+                expr = q.METADATA_SET
+                params["value"] = json.dumps(op.value)
+            elif op.op == "delete":
+                expr = q.METADATA_DELETE
+            elif op.op == "increment":
+                if isinstance(op.value, bool) or not isinstance(op.value, int | float):
+                    raise InvalidOptions(f"metadata.increment needs a number, got {op.value!r}")
+                expr = q.METADATA_INCREMENT
+                params["number"] = op.value
+            elif op.op == "append":
+                expr = q.METADATA_APPEND
+                params["value"] = json.dumps(op.value)
+            else:
+                raise InvalidOptions(f"unknown metadata operation {op.op!r}")
+            row = self._one(q.METADATA_UPDATE.format(expr=expr, guard=guard), {**params, **guard_params})
+            if row is None:
+                return None
+            self._exec(
+                q.INSERT_EVENT,
+                {
+                    "run_id": run_id,
+                    "seq": row[1],
+                    "attempt": row[2] or None,
+                    "kind": "metadata",
+                    "data": json.dumps({"op": op.op, "key": op.key, "value": op.value}),
+                },
+            )
+        if row is None:
+            found = self._one(q.METADATA_READ.format(guard=guard), guard_params)
+            return None if found is None else (found[0] or {})
+        return row[0] or {}
+
+    # --- workers --------------------------------------------------------------------------------
+    def worker_register(self, worker: WorkerInfo) -> None:
+        self._ensure_environment(worker.environment)
+        self._exec(
+            q.WORKER_UPSERT,
+            {
+                "id": worker.id,
+                "env": worker.environment,
+                "host": worker.host,
+                "pid": worker.pid,
+                "address": worker.address,
+                "queues": json.dumps(worker.queues),
+                "machine": worker.machine,
+                "version": worker.version,
+            },
+        )
+        # Forget workers silent for a day: their runs were recovered long ago.
+        self._exec(q.WORKERS_FORGET)
+
+    def worker_deregister(self, worker_id: str) -> None:
+        self._exec(q.WORKER_DELETE, {"worker_id": worker_id})
+
+    def worker_list(self, environment: str | None = None, live_within: float = 30.0) -> list[WorkerInfo]:
+        rows = self._all(q.WORKER_LIST, {"env": environment, "live_within": float(live_within)})
+        return [WorkerInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]
