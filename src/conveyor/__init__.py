@@ -10,9 +10,11 @@ from typing import Any
 from conveyor.core.backoff import RetryPolicy as Retry
 from conveyor.core.errors import (
     AbortRun,
+    ConfigError,
     ConveyorError,
     InvalidOptions,
     InvalidPayload,
+    InvalidTransition,
     PayloadTooLarge,
     RunNotFound,
     SchemaMismatch,
@@ -21,6 +23,7 @@ from conveyor.core.errors import (
     StoreReadOnly,
     UnknownQueue,
     UnknownTask,
+    WaitTimeout,
 )
 from conveyor.core.records import Run
 from conveyor.core.status import RunStatus
@@ -63,10 +66,12 @@ __all__ = [
     "AbortRun",
     "BatchItem",
     "Concurrency",
+    "ConfigError",
     "Context",
     "ConveyorError",
     "InvalidOptions",
     "InvalidPayload",
+    "InvalidTransition",
     "PayloadTooLarge",
     "Queue",
     "Retry",
@@ -82,6 +87,7 @@ __all__ = [
     "Task",
     "UnknownQueue",
     "UnknownTask",
+    "WaitTimeout",
     "configure",
     "idempotency_key",
     "logger",

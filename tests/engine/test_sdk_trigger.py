@@ -1,5 +1,6 @@
 """The task decorator and triggering from code: typed payloads are validated at the call."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -217,3 +218,30 @@ def test_idempotency_key_scopes():
     assert conveyor.idempotency_key("a") == global_key  # outside a run every scope is global
     with pytest.raises(InvalidOptions, match="scope must be one of"):
         conveyor.idempotency_key("a", scope="user")
+
+
+def test_pydantic_aliases_survive_the_round_trip(client):
+    from pydantic import Field
+
+    class Update(BaseModel):
+        id: int
+        from_: int | None = Field(None, alias="from")
+
+    @task("aliased", idempotency_key=lambda p: f"u-{p['from']}")
+    async def aliased(payload: Update):
+        return payload.from_
+
+    run = client.runs.retrieve(aliased.trigger({"id": 1, "from": 7}).id)
+    assert run.payload == {"id": 1, "from": 7} and run.idempotency_key == "u-7"
+    assert aliased.payload_type.load(json.dumps(run.payload)).from_ == 7
+
+
+def test_a_queue_override_must_name_a_known_queue(client):
+    @task("home", queue=Queue("home"))
+    async def home(payload):
+        return None
+
+    client.engine.register([client.task_record(home)], [home.queue_spec()])
+    with pytest.raises(conveyor.UnknownQueue, match="no queue 'elsewhere'"):
+        home.trigger({}, queue="elsewhere")
+    assert home.trigger({}, queue="home").id

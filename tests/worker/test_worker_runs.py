@@ -137,3 +137,17 @@ def test_graceful_stop_hands_back_running_runs_without_spending_an_attempt(start
     wait_until(lambda: live_client.runs.retrieve(handle.id).status.value == "EXECUTING")
     assert [a.number for a in live_client.runs.attempts(handle.id)] == [1]
     live_client.runs.cancel(handle.id)
+
+
+def test_a_sync_task_that_swallows_its_stop_still_times_out(start_worker):
+    start_worker()
+    run = wt.swallows_stop.trigger({}).wait(20)
+    assert run.status.value == "TIMED_OUT" and run.output is None
+
+
+def test_ctx_attempt_started_at_is_this_attempts_start(start_worker, live_client):
+    start_worker()
+    run = wt.attempt_times.trigger({}).wait(10)
+    attempts = live_client.runs.attempts(run.id)
+    assert run.output["attempt_started"] == attempts[1].started_at
+    assert run.output["run_started"] == attempts[0].started_at < attempts[1].started_at

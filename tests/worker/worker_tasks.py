@@ -131,3 +131,18 @@ async def aborts(payload):
 def limited(payload):
     time.sleep(payload)
     return "done"
+
+
+@task("swallows-stop", max_duration=1, retry=Retry(max_attempts=1))
+def swallows_stop(payload):
+    try:
+        time.sleep(30)
+    except BaseException:  # a task must not do this; the run still ends TIMED_OUT
+        return "swallowed"
+
+
+@task("attempt-times", retry=Retry(max_attempts=2, min_delay=0.3, max_delay=0.3, randomize=False))
+async def attempt_times(payload, ctx):
+    if ctx.attempt.number == 1:
+        raise RuntimeError("first attempt fails")
+    return {"attempt_started": ctx.attempt.started_at, "run_started": ctx.run.started_at}

@@ -144,7 +144,8 @@ class ClaimedRun:
     root_id: str | None
     batch_id: str | None
     created_at: float
-    started_at: float
+    started_at: float  # the run's first start
+    claimed_at: float = 0.0  # when this claim started the code (this attempt, or its resume)
 
 
 class OutcomeKind:

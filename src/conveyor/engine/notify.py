@@ -19,6 +19,9 @@ CANCEL = b"c"  # a run this worker holds was asked to stop
 DELAYED = b"d"  # a delayed run was made: re-plan the maintenance timer
 
 _ADDRESS_TTL = 1.0
+# No worker known: look again soon, so a worker that just started is woken for the next run
+# instead of finding it by its fallback poll.
+_EMPTY_TTL = 0.1
 
 
 class Notifier:
@@ -32,7 +35,7 @@ class Notifier:
 
     def _targets(self) -> list[tuple[str, int]]:
         now = time.monotonic()
-        if now - self._fetched_at > _ADDRESS_TTL:
+        if now - self._fetched_at > (_ADDRESS_TTL if self._addresses else _EMPTY_TTL):
             with self.store.read() as tx:
                 workers = tx.worker_list(self.environment)
             self._addresses = [a for a in (parse_address(w.address) for w in workers) if a]

@@ -32,7 +32,7 @@ class PayloadType:
             return to_json(payload, f"payload of {self.task_id}", InvalidPayload)
         try:
             value = self.adapter.validate_python(payload)
-            return self.adapter.dump_json(value).decode()
+            return self.adapter.dump_json(value, by_alias=True).decode()
         except ValidationError as exc:
             raise InvalidPayload(f"payload of {self.task_id} is invalid: {_describe(exc)}") from None
         except Exception as exc:  # e.g. values pydantic cannot serialise

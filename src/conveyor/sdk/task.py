@@ -188,6 +188,8 @@ class Task(Generic[P, R]):
         options: dict[str, Any],
     ) -> NewRun:
         opts = TriggerOptions.from_kwargs(**options)
+        if opts.queue is not None and opts.queue != self.queue.name:
+            client.engine.check_queue(opts.queue)  # no worker would ever claim it otherwise
         payload_json = self.payload_type.dump(payload)
         derived = dict(lineage)
         if self._derives_from_payload:

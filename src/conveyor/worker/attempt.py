@@ -52,7 +52,7 @@ def build_context(task: Task[Any, Any], run: ClaimedRun, environment: str) -> Co
             max_attempts=run.max_attempts,
             max_duration=run.max_duration,
         ),
-        attempt=AttemptInfo(number=run.attempt, started_at=run.started_at),
+        attempt=AttemptInfo(number=run.attempt, started_at=run.claimed_at or run.started_at),
         task=TaskInfo(id=task.id, queue=run.queue),
         environment=environment,
         version=run.version,

@@ -32,11 +32,18 @@ STOP_SIGNALS = {signal.SIGUSR1: CANCELED, signal.SIGUSR2: TIMED_OUT, signal.SIGH
 SIGNAL_FOR = {reason: sig for sig, reason in STOP_SIGNALS.items()}
 
 _running = False
+_stop_reason: str | None = None  # why the current run was stopped (the code may swallow the raise)
+
+
+def _why_stopped() -> str | None:
+    return _stop_reason
 
 
 def _on_stop(signum: int, _frame: Any) -> None:
+    global _stop_reason
     if _running:
-        raise StopExecution(STOP_SIGNALS[signal.Signals(signum)])
+        _stop_reason = STOP_SIGNALS[signal.Signals(signum)]
+        raise StopExecution(_stop_reason)
 
 
 class PipeChannel:
@@ -53,7 +60,7 @@ class PipeChannel:
 
 
 def main(conn: Connection, settings: dict[str, Any]) -> None:
-    global _running
+    global _running, _stop_reason
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it decides
@@ -80,10 +87,11 @@ def main(conn: Connection, settings: dict[str, Any]) -> None:
         ctx = build_context(task, run, environment)
         execution = Execution(ctx=ctx, channel=channel, metadata=dict(run.metadata), log_level=log_level)
         token = context.enter(execution)
+        _stop_reason = None
         _running = True
         conn.send(("started",))
         try:
-            outcome = asyncio.run(run_attempt(task, run, ctx, SYSTEM_CLOCK, _caller(task, ctx), lambda: None))
+            outcome = asyncio.run(run_attempt(task, run, ctx, SYSTEM_CLOCK, _caller(task, ctx), _why_stopped))
         except StopExecution as stop:  # arrived outside the attempt's own handlers
             outcome = None
             conn.send(("stopped", stop.reason))

@@ -236,7 +236,7 @@ UPDATE conveyor.runs SET status = 'EXECUTING', worker_id = %(worker_id)s, lease_
 WHERE id = ANY(%(ids)s::text[]) AND status = 'QUEUED'
 RETURNING id, task_id, queue, payload::text, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
-    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at
 """
 
 ATTEMPT_START = """

@@ -480,6 +480,7 @@ class PostgresTx(Tx):
                 batch_id=r[17],
                 created_at=r[18],
                 started_at=r[19],
+                claimed_at=r[22],
             )
             for r in rows
         ]

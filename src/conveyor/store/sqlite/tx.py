@@ -48,12 +48,14 @@ RUN_COLUMNS = (
     "executed_seconds, cancel_requested, worker_id, retry, key_limit, queue_slot, idempotency_key_ttl"
 )
 
-INSERT_RUN = """
-INSERT INTO runs (id, environment, task_id, queue, status, payload, available_at, priority, sort_key,
+_RUN_INSERT_COLUMNS = """id, task_id, queue, status, payload, available_at, priority, sort_key,
     ttl, expires_at, max_attempts, retry, max_duration, concurrency_key, key_limit, queue_slot,
     idempotency_key, idempotency_key_ttl, tags, metadata, machine, version, parent_id, root_id,
-    batch_id, trace_context, event_seq, created_at, queued_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
+    batch_id, trace_context, queued_at"""
+
+INSERT_RUN = f"""
+INSERT INTO runs ({_RUN_INSERT_COLUMNS}, environment, created_at, updated_at, event_seq)
+VALUES ({", ".join("?" * 27)}, ?, ?, ?, 1)
 """
 
 INSERT_EVENT = "INSERT INTO run_events (run_id, seq, attempt, kind, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -78,7 +80,7 @@ UPDATE runs SET status = 'EXECUTING', worker_id = ?1, lease_token = ?2, lease_ex
 WHERE id IN (SELECT value FROM json_each(?6)) AND status = 'QUEUED'
 RETURNING id, task_id, queue, payload, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
-    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at
 """
 
 # Finishing an execution segment: the lease must still match. ?1 now.
@@ -390,44 +392,39 @@ class SQLiteTx(Tx):
             results.append((run.id, True))
         if not fresh:
             return results
-        self.conn.executemany(
-            INSERT_RUN,
-            [
-                (
-                    r.id,
-                    environment,
-                    r.task_id,
-                    r.queue,
-                    r.status.value,
-                    r.payload,
-                    r.available_at,
-                    r.priority,
-                    r.available_at - r.priority,
-                    r.ttl,
-                    now + r.ttl if r.ttl is not None and r.status is RunStatus.QUEUED else None,
-                    r.max_attempts,
-                    r.retry,
-                    r.max_duration,
-                    r.concurrency_key,
-                    r.key_limit,
-                    int(r.queue_slot),
-                    r.idempotency_key,
-                    r.idempotency_key_ttl,
-                    _dumps(r.tags) if r.tags else None,
-                    r.metadata,
-                    r.machine,
-                    r.version,
-                    r.parent_id,
-                    r.root_id,
-                    r.batch_id,
-                    r.trace_context,
-                    now,
-                    now if r.status is RunStatus.QUEUED else None,
-                    now,
-                )
-                for r in fresh
-            ],
-        )
+        rows = [
+            (
+                r.id,
+                r.task_id,
+                r.queue,
+                r.status.value,
+                r.payload,
+                r.available_at,
+                r.priority,
+                r.available_at - r.priority,
+                r.ttl,
+                now + r.ttl if r.ttl is not None and r.status is RunStatus.QUEUED else None,
+                r.max_attempts,
+                r.retry,
+                r.max_duration,
+                r.concurrency_key,
+                r.key_limit,
+                int(r.queue_slot),
+                r.idempotency_key,
+                r.idempotency_key_ttl,
+                _dumps(r.tags) if r.tags else None,
+                r.metadata,
+                r.machine,
+                r.version,
+                r.parent_id,
+                r.root_id,
+                r.batch_id,
+                r.trace_context,
+                now if r.status is RunStatus.QUEUED else None,
+            )
+            for r in fresh
+        ]
+        self.conn.executemany(INSERT_RUN, [(*row, environment, now, now) for row in rows])
         # Event 1 (the run's first status) is not written: event_list derives it from the row.
         tagged = [(environment, tag, r.id) for r in fresh for tag in r.tags]
         if tagged:
@@ -517,6 +514,7 @@ class SQLiteTx(Tx):
                 batch_id=r[17],
                 created_at=r[18],
                 started_at=r[19],
+                claimed_at=r[22],
             )
             for r in rows
         ]
