@@ -132,14 +132,15 @@ def reset() -> None:
 _exchange = Engine.exchange
 
 
-def _traced_exchange(self: Engine, outcomes: Any, logs: Any, claim: Any, metadata: Any = ()) -> Any:
+def _traced_exchange(self: Engine, outcomes: Any, logs: Any, claim: Any, metadata: Any = (), steps: Any = ()) -> Any:
     t0, w0 = time.perf_counter(), time.time()
-    accepted, claimed = _exchange(self, outcomes, logs, claim, metadata)
+    result = _exchange(self, outcomes, logs, claim, metadata, steps)
+    claimed = result.claimed
     if TIMELINE:
         _timeline.append(("exchange", w0, time.time(), len(claimed)))
     with _lock:
         _exchanges.append((len(outcomes), claim.limit if claim else 0, len(claimed), time.perf_counter() - t0))
-    return accepted, claimed
+    return result
 
 
 _on_datagram = Worker._on_datagram

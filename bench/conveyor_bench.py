@@ -15,6 +15,10 @@ SQLite store (WAL) at $CONVEYOR_BENCH_DB (default /tmp/conveyor-bench/bench.db),
 $CONVEYOR_SQLITE_SYNCHRONOUS (default NORMAL, Conveyor's default) and printed beside every number. Default features
 are on: attempt rows, the event log, log capture and heartbeats cannot be turned off.
 
+PostgreSQL store instead: $CONVEYOR_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test (the schema
+`conveyor_bench` unless the URL says `?schema=`; dropped and re-created at setup), or `bench/run.py --store postgres`.
+Workers are woken by LISTEN/NOTIFY; `synchronous_commit` is printed beside every number.
+
 Env: the harness's BENCH_N, BENCH_LAT_N, BENCH_RUNS, BENCH_ONLY, BENCH_RESULTS, BENCH_TAG; plus
 CONVEYOR_BENCH_CONCURRENCY (per worker, default 100) and PEER_BENCH_DIR (see _harness.py).
 Run: `.venv/bin/python bench/conveyor_bench.py` (or `make bench` for Conveyor next to the peers).
@@ -41,6 +45,9 @@ from _harness import load_common  # noqa: E402
 common = load_common()
 
 DB_PATH = os.path.abspath(os.environ.get("CONVEYOR_BENCH_DB", "/tmp/conveyor-bench/bench.db"))
+PG_URL = os.environ.get("CONVEYOR_BENCH_DATABASE_URL", "")
+if PG_URL and "schema=" not in PG_URL:
+    PG_URL += ("&" if "?" in PG_URL else "?") + "schema=conveyor_bench"
 SYNCHRONOUS = os.environ.get("CONVEYOR_SQLITE_SYNCHRONOUS", "normal").lower()
 CONCURRENCY = int(os.environ.get("CONVEYOR_BENCH_CONCURRENCY", "100"))
 MODULES = os.environ.get("CONVEYOR_BENCH_MODULES", "bench_tasks")  # profiling adds ",bench_trace"
@@ -50,7 +57,8 @@ RUN_TABLES = ("runs", "attempts", "run_events", "run_logs", "run_tags", "idempot
 SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 # The store's location and durability reach this process (configure below) and the workers (inherited env).
-os.environ["CONVEYOR_DATABASE_URL"] = f"sqlite:///{DB_PATH}"
+DB_URL = PG_URL or f"sqlite:///{DB_PATH}"
+os.environ["CONVEYOR_DATABASE_URL"] = DB_URL
 os.environ["CONVEYOR_SQLITE_SYNCHRONOUS"] = SYNCHRONOUS
 
 
@@ -80,32 +88,52 @@ class A:
         import conveyor
 
         self.version = conveyor.__version__
+        store = (
+            "PostgreSQL store (psycopg 3, LISTEN/NOTIFY wake-ups)"
+            if PG_URL
+            else f"SQLite WAL file store, synchronous={SYNCHRONOUS.upper()}"
+        )
+        wake = "NOTIFY" if PG_URL else "UDP"
         self.settings = (
-            f"SQLite WAL file store, synchronous={SYNCHRONOUS.upper()}; 2 x `conveyor worker --concurrency "
-            f"{CONCURRENCY}` processes (async tasks, one queue); UDP wake-ups; attempt rows, event log, log capture, "
+            f"{store}; 2 x `conveyor worker --concurrency "
+            f"{CONCURRENCY}` processes (async tasks, one queue); {wake} wake-ups; "
+            "attempt rows, event log, log capture, "
             "heartbeats on (always)"
         )
+        self.db: Any = None  # sqlite3 or psycopg connection, beside the store's own
         self._w2_open = False
         self._w2_stats: dict[str, float] = {}
 
     # --- harness interface --------------------------------------------------------------------------
     def setup(self) -> None:
-        os.makedirs(os.path.dirname(DB_PATH), exist_ok=True)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(DB_PATH + suffix):
-                os.remove(DB_PATH + suffix)
         experiment = os.environ.get("CONVEYOR_BENCH_EXP", "")
         if experiment:  # prototypes of optimizations (bench/exp_*.py); workers need --modules ...,exp_<name> too
             importlib.import_module(f"exp_{experiment}")
 
         import conveyor
 
-        self.client = conveyor.configure(database_url=f"sqlite:///{DB_PATH}", synchronous=SYNCHRONOUS)
+        if PG_URL:
+            import psycopg
+
+            from conveyor.store.postgres.driver import split_url
+
+            conninfo, schema = split_url(PG_URL)
+            self.schema = schema or "conveyor_bench"
+            self.db = psycopg.connect(conninfo, autocommit=True)
+            self.db.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+            self.client = conveyor.configure(database_url=PG_URL)
+        else:
+            os.makedirs(os.path.dirname(DB_PATH), exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(DB_PATH + suffix):
+                    os.remove(DB_PATH + suffix)
+            self.client = conveyor.configure(database_url=f"sqlite:///{DB_PATH}", synchronous=SYNCHRONOUS)
         import bench_tasks
 
         self.tasks = bench_tasks
         self.client.engine  # noqa: B018 - open (and create) the store now, not inside a timed loop
-        self.db = sqlite3.connect(DB_PATH, timeout=30, isolation_level=None)
+        if not PG_URL:
+            self.db = sqlite3.connect(DB_PATH, timeout=30, isolation_level=None)
         self.synchronous = self.store_synchronous()
         self.code = code_version()
         self.preflight()
@@ -120,6 +148,9 @@ class A:
 
     def store_synchronous(self) -> str:
         """The synchronous mode as the store's own connection reports it."""
+        if PG_URL:
+            row = self.db.execute("SHOW synchronous_commit").fetchone()
+            return f"pg:synchronous_commit={row[0] if row else '?'}"
         conn = self.client.store._conn()  # type: ignore[attr-defined]
         return SYNC_NAMES.get(int(conn.execute("PRAGMA synchronous").fetchone()[0]), "?")
 
@@ -127,6 +158,10 @@ class A:
         if self._w2_open:
             self._w2_open = False
             self._w2_stats = self._completion_stats()
+        if PG_URL:
+            tables = ", ".join(f'"{self.schema}".{t}' for t in RUN_TABLES)
+            self.db.execute(f"TRUNCATE {tables}")
+            return
         present = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table in RUN_TABLES:
             if table in present:  # the schema may grow or rename tables; clear what holds runs
@@ -180,8 +215,9 @@ class A:
     def _completion_stats(self) -> dict[str, float]:
         """After the W2 workers stopped (gracefully: in-flight runs finish): how fast runs reached COMPLETED."""
         n = self._w2_n
+        table = f'"{self.schema}".runs' if PG_URL else "runs"
         completed, last_finished, first_started = self.db.execute(
-            "SELECT count(*), max(finished_at), min(started_at) FROM runs WHERE status = 'COMPLETED'"
+            f"SELECT count(*), max(finished_at), min(started_at) FROM {table} WHERE status = 'COMPLETED'"
         ).fetchone()
         first = common.sink().get("b:first")
         start = float(first) if first is not None else first_started
@@ -196,8 +232,8 @@ def main() -> None:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     a.setup()
     print(
-        f"[conveyor] SQLite synchronous={a.synchronous}, N={common.N}, LAT_N={common.LAT_N}, "
-        f"concurrency {CONCURRENCY} x 2 workers, db {DB_PATH}, code {a.code}",
+        f"[conveyor] {'' if PG_URL else 'SQLite '}synchronous={a.synchronous}, N={common.N}, LAT_N={common.LAT_N}, "
+        f"concurrency {CONCURRENCY} x 2 workers, db {a.client.store.location}, code {a.code}",
         flush=True,
     )
     runs: list[dict[str, Any]] = []

@@ -15,6 +15,7 @@ from conveyor.core.errors import (
     InvalidOptions,
     InvalidPayload,
     InvalidTransition,
+    NonDeterministic,
     PayloadTooLarge,
     RunNotFound,
     SchemaMismatch,
@@ -31,6 +32,7 @@ from conveyor.sdk.client import configure, get_client
 from conveyor.sdk.context import Context, metadata
 from conveyor.sdk.keys import idempotency_key
 from conveyor.sdk.logs import logger
+from conveyor.sdk.steps import step, step_sync
 from conveyor.sdk.task import BatchItem, Concurrency, Queue, RetryDecision, RunHandle, Task, task
 
 __version__ = "0.1.0"
@@ -72,6 +74,7 @@ __all__ = [
     "InvalidOptions",
     "InvalidPayload",
     "InvalidTransition",
+    "NonDeterministic",
     "PayloadTooLarge",
     "Queue",
     "Retry",
@@ -94,6 +97,8 @@ __all__ = [
     "metadata",
     "queues",
     "runs",
+    "step",
+    "step_sync",
     "task",
     "trigger",
     "trigger_async",

@@ -565,3 +565,32 @@ def test_dev_on_a_terminal_shows_the_live_view(tmp_path: Path) -> None:
     # Stopping handed the unfinished run back to the queue, at no cost of an attempt.
     run = cli_json(project, "runs", "show", run_id)
     assert run["status"] == "QUEUED" and run["attempts"] == 0
+
+
+def test_runs_purge_deletes_old_finished_runs(tmp_path: Path) -> None:
+    from conveyor.core.clock import FakeClock
+    from conveyor.core.records import ClaimRequest, Outcome, OutcomeKind, QueueSpec, TaskRecord
+    from conveyor.engine import Engine, TriggerOptions
+    from conveyor.store.sqlite import SQLiteStore
+
+    project = make_project(tmp_path / "p")
+    clock = FakeClock(time.time() - 40 * 86400)  # the runs finished 40 days ago
+    store = SQLiteStore(str(project / ".conveyor" / "dev.db"), clock)
+    engine = Engine(store)
+    task = TaskRecord(task_id="old", queue="old")
+    engine.register([task], [QueueSpec("old", None)])
+    ids = [r for r, _ in engine.insert([engine.prepare(task, "{}", TriggerOptions()) for _ in range(3)])]
+    claimed = engine.claim(ClaimRequest("dev", "w", ["old"], ["old"], 10, 30.0))
+    engine.exchange([Outcome(c.id, c.lease_token, OutcomeKind.COMPLETED, output="1") for c in claimed], [], None)
+    unfinished = engine.insert([engine.prepare(task, "{}", TriggerOptions())])[0][0]
+    store.close()
+
+    assert cli_json(project, "runs", "purge", "--older-than", "50") == {"purged": 0, "older_than_days": 50.0}
+    result = cli(project, "runs", "purge", "--batch", "2")  # the default: retention_days = 30
+    assert result.returncode == 0, result.stderr
+    assert "purged 3 finished run(s) older than 30 day(s)" in result.stdout
+    assert cli(project, "runs", "show", ids[0]).returncode != 0
+    assert run_status(project, unfinished) == "QUEUED"
+    (project / "conveyor.toml").write_text('project = "cli-test"\nmodules = ["mytasks"]\nretention_days = 0\n')
+    result = cli(project, "runs", "purge")
+    assert result.returncode == 2 and "retention is off" in result.stderr

@@ -161,3 +161,25 @@ def test_trigger_key_follows_the_limit_of_the_queue_the_run_is_in(h):
     b1 = h.trigger(t, queue="narrow", concurrency_key="B")
     claimed = h.claim(t, other, queues=["narrow"])
     assert {c.id for c in claimed} == {a1, b1}  # "narrow" allows 1 per key, not t's 5
+
+
+def test_settling_many_at_once_checks_each_lease(h):
+    """A worker's exchange settles its COMPLETED outcomes together; a stale lease is refused
+    without holding back the others, and each settled run gets its attempt and event."""
+    t = h.task("t")
+    ids = [h.trigger(t) for _ in range(3)]
+    claimed = h.claim(t, limit=3)
+    assert sorted(c.id for c in claimed) == sorted(ids)
+    outcomes = [
+        Outcome(c.id, c.lease_token, OutcomeKind.COMPLETED, output=f'{{"n": {i}}}') for i, c in enumerate(claimed)
+    ]
+    outcomes[1] = Outcome(claimed[1].id, "stale", OutcomeKind.COMPLETED, output="1")
+    assert h.engine.exchange(outcomes, [], None)[0] == [True, False, True]
+    for i, c in enumerate(claimed):
+        run = h.engine.retrieve(c.id)
+        if i == 1:
+            assert run.status.value == "EXECUTING"
+            continue
+        assert run.status.value == "COMPLETED" and run.output == {"n": i} and run.finished_at is not None
+        assert [a.status for a in h.engine.attempts(c.id)] == ["COMPLETED"]
+        assert [e.data["status"] for e in h.engine.events(c.id)] == ["QUEUED", "EXECUTING", "COMPLETED"]

@@ -289,14 +289,15 @@ def test_newer_schema_is_refused(pg_store, postgres_url, pg_schema, clock):
 
 def test_older_schema_asks_for_migrate_and_migrate_upgrades(pg_store, postgres_url, pg_schema, clock, monkeypatch):
     shipped = migrate.available()
-    extra = (2, "add_column", "ALTER TABLE runs ADD COLUMN future_column text;")
+    future = migrate.LATEST + 1
+    extra = (future, "add_column", "ALTER TABLE runs ADD COLUMN future_column text;")
     monkeypatch.setattr(migrate, "available", lambda: [*shipped, extra])
-    monkeypatch.setattr(migrate, "LATEST", 2)
+    monkeypatch.setattr(migrate, "LATEST", future)
     with pytest.raises(SchemaMismatch, match="run `conveyor migrate`"):
         PostgresStore(postgres_url, clock, schema=pg_schema)
     store = PostgresStore(postgres_url, clock, schema=pg_schema, auto_migrate=False, check_schema=False)
-    assert store.migrate() == [2] and store.migrate() == []
-    assert store.schema_version() == 2
+    assert store.migrate() == [future] and store.migrate() == []
+    assert store.schema_version() == future
     store.close()
     PostgresStore(postgres_url, clock, schema=pg_schema).close()  # now accepted
 

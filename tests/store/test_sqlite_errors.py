@@ -37,14 +37,15 @@ def test_newer_schema_is_refused(db_path, clock):
 def test_older_schema_asks_for_migrate_and_migrate_upgrades(db_path, clock, monkeypatch):
     SQLiteStore(db_path, clock).close()
     shipped = migrate.available()
-    extra = (2, "add_column", "ALTER TABLE runs ADD COLUMN future_column TEXT;")
+    future = migrate.LATEST + 1
+    extra = (future, "add_column", "ALTER TABLE runs ADD COLUMN future_column TEXT;")
     monkeypatch.setattr(migrate, "available", lambda: [*shipped, extra])
-    monkeypatch.setattr(migrate, "LATEST", 2)
+    monkeypatch.setattr(migrate, "LATEST", future)
     with pytest.raises(SchemaMismatch, match="run `conveyor migrate`"):
         SQLiteStore(db_path, clock)
     store = SQLiteStore(db_path, clock, auto_migrate=False, check_schema=False)
-    assert store.migrate() == [2] and store.migrate() == []
-    assert store.schema_version() == 2
+    assert store.migrate() == [future] and store.migrate() == []
+    assert store.schema_version() == future
     SQLiteStore(db_path, clock).close()  # now accepted
 
 
@@ -52,7 +53,7 @@ def test_concurrent_migrations_apply_once(tmp_path, clock):
     path = str(tmp_path / "m.db")
     stores = [SQLiteStore(path, clock, auto_migrate=False, check_schema=False) for _ in range(4)]
     applied = [s.migrate() for s in stores]
-    assert sorted(map(len, applied)) == [0, 0, 0, 1]
+    assert sorted(map(len, applied)) == [0, 0, 0, migrate.LATEST]
 
 
 def test_a_file_that_is_not_a_database(tmp_path, clock):

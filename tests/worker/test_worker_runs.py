@@ -151,3 +151,38 @@ def test_ctx_attempt_started_at_is_this_attempts_start(start_worker, live_client
     attempts = live_client.runs.attempts(run.id)
     assert run.output["attempt_started"] == attempts[1].started_at
     assert run.output["run_started"] == attempts[0].started_at < attempts[1].started_at
+
+
+def test_steps_run_once_and_replay_from_the_journal(start_worker, live_client):
+    start_worker()
+    wt.STEP_CALLS.clear()
+    run = wt.steps_async.trigger({"fail_until": 3}).wait(10)
+    assert run.status.value == "COMPLETED" and run.attempts == 3
+    # Every step ran once although the function ran three times from the top.
+    assert wt.STEP_CALLS == ["first", "second", "item-0", "item-1", "item-2", "third"]
+    assert run.output["items"] == [{"step": f"item-{i}", "n": 3 + i} for i in range(3)]
+    journal = live_client.runs.steps(run.id)
+    assert [s.key for s in journal] == ["first#0", "second#0", "item#0", "item#1", "item#2", "third#0"]
+    assert [s.attempt for s in journal] == [1, 1, 1, 1, 1, 3]
+    assert all(s.finished_at >= s.started_at for s in journal)
+
+
+def test_a_replay_that_diverges_fails_as_non_deterministic(start_worker):
+    start_worker()
+    run = wt.diverges.trigger({}).wait(10)
+    assert (run.status.value, run.attempts, run.error["code"]) == ("FAILED", 2, "NON_DETERMINISTIC")
+    assert "'b#0' at position 0" in run.error["message"] and "'a#0'" in run.error["message"]
+
+
+def test_a_step_result_over_the_limit_is_a_clear_error(start_worker):
+    start_worker()
+    run = wt.huge_step.trigger({}).wait(10)
+    assert run.status.value == "FAILED" and "the limit is 1,048,576 bytes" in run.error["message"]
+
+
+def test_sync_steps_in_a_pool_child_replay_too(start_worker, tmp_path):
+    start_worker()
+    log = tmp_path / "steps.log"
+    run = wt.steps_sync.trigger({"log": str(log)}).wait(20)
+    assert run.status.value == "COMPLETED" and run.output == ["S0", "S1", "S2"] and run.attempts == 2
+    assert log.read_text().split() == ["s0", "s1", "s2"]

@@ -146,3 +146,48 @@ async def attempt_times(payload, ctx):
     if ctx.attempt.number == 1:
         raise RuntimeError("first attempt fails")
     return {"attempt_started": ctx.attempt.started_at, "run_started": ctx.run.started_at}
+
+
+STEP_CALLS: list[str] = []  # executions of step functions in async tasks (they run in this process)
+
+
+def _count(name):
+    STEP_CALLS.append(name)
+    return {"step": name, "n": len(STEP_CALLS)}
+
+
+@task("steps-async", retry=Retry(max_attempts=3, min_delay=0.01, max_delay=0.01, randomize=False))
+async def steps_async(payload, ctx):
+    first = await conveyor.step("first", _count, "first")
+    second = await conveyor.step("second", _count, "second")
+    items = [await conveyor.step("item", _count, f"item-{i}") for i in range(3)]
+    if ctx.attempt.number < payload["fail_until"]:
+        raise RuntimeError(f"fail after the steps, attempt {ctx.attempt.number}")
+    third = await conveyor.step("third", _count, "third")
+    return {"first": first, "second": second, "items": items, "third": third}
+
+
+@task("diverges", retry=Retry(max_attempts=3, min_delay=0.01, max_delay=0.01, randomize=False))
+async def diverges(payload, ctx):
+    await conveyor.step("a" if ctx.attempt.number == 1 else "b", _count, "x")
+    if ctx.attempt.number == 1:
+        raise RuntimeError("retry me")
+    return "unreachable"
+
+
+@task("huge-step", retry=Retry(max_attempts=1))
+async def huge_step(payload):
+    return await conveyor.step("big", lambda: "x" * (1024 * 1024 + 1))
+
+
+@task("steps-sync", retry=Retry(max_attempts=3, min_delay=0.01, max_delay=0.01, randomize=False))
+def steps_sync(payload, ctx):
+    def record(name):
+        with open(payload["log"], "a") as f:
+            f.write(name + "\n")
+        return name.upper()
+
+    values = [conveyor.step_sync(f"s{i}", record, f"s{i}") for i in range(3)]
+    if ctx.attempt.number < 2:
+        raise RuntimeError("fail once after the steps")
+    return values

@@ -1,4 +1,4 @@
-"""`conveyor runs list|show|cancel|replay|logs|watch`."""
+"""`conveyor runs list|show|cancel|replay|logs|watch|purge`."""
 
 from __future__ import annotations
 
@@ -280,6 +280,42 @@ def cancel(
     if not run.finished:
         line.append(" - cancel requested; its worker is stopping the code", style="yellow")
     console.print(line, soft_wrap=True)
+
+
+@app.command()
+def purge(
+    older_than: float = typer.Option(
+        None, "--older-than", help="Days since a run finished (default: the configured retention_days, 30)"
+    ),
+    batch: int = typer.Option(500, "--batch", help="Runs deleted per transaction (small: short locks)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+) -> None:
+    """Delete finished runs (and their attempts, events, logs, tags, steps) older than the retention.
+
+    Workers already do this slowly in their maintenance loop; this does it now, in batches of
+    --batch runs, each its own short transaction. Runs whose idempotency key is still live are kept.
+    """
+    client = open_client()
+    days = older_than if older_than is not None else client.config.retention_days
+    if days is None:
+        common.fail("retention is off (retention_days = 0): pass --older-than DAYS", common.EXIT_USAGE)
+    if days < 0 or batch < 1:
+        common.fail("--older-than must be >= 0 and --batch >= 1", common.EXIT_USAGE)
+    total = 0
+    started = time.monotonic()
+    while True:
+        purged = client.engine.purge(days, batch)
+        total += purged
+        if purged < batch:
+            break
+    if as_json:
+        print_json({"purged": total, "older_than_days": days})
+        return
+    console.print(
+        f"purged {total:,} finished run(s) older than {days:g} day(s) in {time.monotonic() - started:.1f} s "
+        f"({client.store.location})",
+        soft_wrap=True,
+    )
 
 
 @app.command()

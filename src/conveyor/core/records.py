@@ -180,6 +180,21 @@ class LogLine:
 
 
 @dataclass(slots=True)
+class StepRecord:
+    """One completed step in a run's journal. `output` is JSON text."""
+
+    run_id: str
+    position: int  # the n-th step() call of the run (0-based), across names
+    key: str  # "name#n": the n-th call of that name
+    name: str
+    output: str
+    attempt: int
+    started_at: float
+    finished_at: float
+    lease_token: str = ""  # set on writes: refused unless the run's lease still matches
+
+
+@dataclass(slots=True)
 class MetadataOp:
     op: str  # set | delete | increment | append
     key: str

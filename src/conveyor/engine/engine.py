@@ -7,11 +7,20 @@ from), followed by the wake-ups the change calls for.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
-from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound, UnknownQueue, UnknownTask
+from conveyor.core.errors import (
+    ConveyorError,
+    InvalidOptions,
+    InvalidTransition,
+    RunNotFound,
+    UnknownQueue,
+    UnknownTask,
+)
 from conveyor.core.ids import new_id
 from conveyor.core.records import (
     Attempt,
@@ -29,6 +38,7 @@ from conveyor.core.records import (
     Run,
     RunEvent,
     RunFilter,
+    StepRecord,
     TaskRecord,
     WorkerInfo,
 )
@@ -38,16 +48,40 @@ from conveyor.engine.options import Limits, TriggerOptions, prepare_run
 from conveyor.engine.payload_schema import check_payload
 from conveyor.store.base import Listener, Store, Tx
 
+
+class Exchanged(NamedTuple):
+    accepted: list[bool]  # per outcome: False when the lease no longer matched
+    claimed: list[ClaimedRun]
+    steps_accepted: list[bool]  # per step written
+
+
 MAX_BATCH = 1_000
 MAX_BATCH_BYTES = 10 * 1024 * 1024
+# Retention from the maintenance loop: one small batch at a time, so no lock is held for long and
+# the claim path never waits behind a purge. A full batch means a backlog: the next one follows
+# after PURGE_BACKLOG_PAUSE (at most ~PURGE_BATCH runs/s per process); otherwise after
+# PURGE_INTERVAL (finished runs age by days, so checking every 5 minutes loses nothing).
+PURGE_BATCH = 500
+PURGE_INTERVAL = 300.0
+PURGE_BACKLOG_PAUSE = 1.0
+
+log = logging.getLogger("conveyor.engine")
 
 
 class Engine:
-    def __init__(self, store: Store, environment: str = "dev", limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        environment: str = "dev",
+        limits: Limits = Limits(),
+        retention_days: float | None = 30.0,
+    ) -> None:
         self.store = store
         self.environment = environment
         self.limits = limits
         self.notifier = Notifier(store, environment)
+        self.retention_days = retention_days  # None: keep finished runs forever
+        self._purge_at = 0.0  # store-clock time of the next retention batch
 
     @property
     def now(self) -> float:
@@ -132,14 +166,16 @@ class Engine:
         logs: Sequence[LogLine],
         claim: ClaimRequest | None,
         metadata: Sequence[tuple[str, str, list[MetadataOp]]] = (),
-    ) -> tuple[list[bool], list[ClaimedRun]]:
-        """A worker's hot path in one transaction: log lines and metadata, then outcomes (so a
-        run's last writes land before it finishes), then new claims."""
+        steps: Sequence[StepRecord] = (),
+    ) -> Exchanged:
+        """A worker's hot path in one transaction: log lines, metadata and completed steps, then
+        outcomes (so a run's last writes land before it finishes), then new claims."""
         with self.store.transaction() as tx:
             if logs:
                 tx.log_append_many(logs)
             for run_id, lease_token, ops in metadata:
                 tx.metadata_apply(run_id, ops, lease_token)
+            steps_accepted = tx.step_append_many(steps) if steps else []
             accepted = tx.run_settle_many(self.environment, outcomes) if outcomes else []
             claimed = tx.run_claim(claim) if claim is not None and claim.limit > 0 else []
             kinds = {o.kind for o, ok in zip(outcomes, accepted, strict=True) if ok}
@@ -150,7 +186,12 @@ class Engine:
                 wakes.append(DELAYED)
             unsent = self._wake(tx, wakes)
         self._send(unsent)
-        return accepted, claimed
+        return Exchanged(accepted, claimed, steps_accepted)
+
+    def steps(self, run_id: str) -> list[StepRecord]:
+        """A run's step journal, in call order."""
+        with self.store.read() as tx:
+            return tx.step_list(run_id)
 
     def heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
         with self.store.transaction() as tx:
@@ -179,7 +220,27 @@ class Engine:
             result = tx.run_maintain(since=since)
             unsent = self._wake(tx, [WORK] if result.promoted or result.recovered or result.became_due else [])
         self._send(unsent)
+        self._retain()
         return result
+
+    # --- retention ------------------------------------------------------------------------------
+    def purge(self, older_than_days: float, limit: int | None = None) -> int:
+        """Delete one batch (default PURGE_BATCH) of runs finished more than `older_than_days` ago,
+        in a transaction of its own. -> runs deleted."""
+        with self.store.transaction() as tx:
+            return tx.run_purge(self.now - older_than_days * 86400.0, limit or PURGE_BATCH)
+
+    def _retain(self) -> None:
+        """At most one retention batch per maintenance pass, and only when due (see PURGE_INTERVAL).
+        A failure is logged and tried again later: it must never hold up maintenance."""
+        if self.retention_days is None or self.now < self._purge_at:
+            return
+        try:
+            purged = self.purge(self.retention_days)
+        except ConveyorError as exc:
+            log.warning("retention: purge failed, trying again later: %s", exc)
+            purged = 0
+        self._purge_at = self.now + (PURGE_BACKLOG_PAUSE if purged >= PURGE_BATCH else PURGE_INTERVAL)
 
     # --- wake-ups -------------------------------------------------------------------------------
     def _wake(self, tx: Tx, messages: Sequence[bytes], worker_id: str | None = None) -> list[bytes]:

@@ -16,7 +16,7 @@ from typing import Any
 from conveyor.core.backoff import RetryPolicy
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
 from conveyor.core.errors import ConfigError
-from conveyor.core.records import Attempt, LogLine, QueueInfo, Run, RunEvent, RunFilter, TaskRecord
+from conveyor.core.records import Attempt, LogLine, QueueInfo, Run, RunEvent, RunFilter, StepRecord, TaskRecord
 from conveyor.engine import Engine, Limits, TriggerOptions
 from conveyor.sdk import config as config_module
 from conveyor.sdk import context
@@ -60,7 +60,10 @@ class Client:
                     )
                     self._store = store
                     self._engine = Engine(
-                        store, self.config.environment, Limits(max_payload_bytes=self.config.max_payload_bytes)
+                        store,
+                        self.config.environment,
+                        Limits(max_payload_bytes=self.config.max_payload_bytes),
+                        retention_days=self.config.retention_days,
                     )
         return self._engine
 
@@ -160,6 +163,11 @@ class Runs:
     def attempts(self, run_id: str) -> builtins.list[Attempt]:
         self._client.engine.retrieve(run_id)
         return self._client.engine.attempts(run_id)
+
+    def steps(self, run_id: str) -> builtins.list[StepRecord]:
+        """The run's step journal: each completed step with its output and timings."""
+        self._client.engine.retrieve(run_id)
+        return self._client.engine.steps(run_id)
 
     def events(self, run_id: str, after: int = 0) -> builtins.list[RunEvent]:
         self._client.engine.retrieve(run_id)

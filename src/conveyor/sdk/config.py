@@ -27,15 +27,35 @@ class Config:
     max_duration: float | None = None
     log_level: str = "INFO"
     max_payload_bytes: int = 512 * 1024
+    max_step_bytes: int = 1024 * 1024
     synchronous: str = "normal"
     version: str | None = None
+    retention_days: float | None = 30.0  # finished runs older than this are purged; None keeps them
     config_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retention_days", retention(self.retention_days, "retention_days"))
 
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.root / '.conveyor' / 'dev.db'}"
+
+
+def retention(value: Any, source: str) -> float | None:
+    """`retention_days`: a number of days > 0; 0, false or None keep finished runs forever."""
+    if value is None or value is False or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{source}: retention_days must be a number of days (0 or false: keep forever)")
+    try:
+        days = float(value)
+    except ValueError:
+        raise ConfigError(f"{source}: retention_days must be a number of days, got {value!r}") from None
+    if days < 0 or days != days:
+        raise ConfigError(f"{source}: retention_days must be >= 0, got {value!r}")
+    return days or None
 
 
 def find_root(start: Path | None = None) -> tuple[Path, Path | None]:
@@ -69,9 +89,12 @@ def _from_table(config: Config, table: dict[str, Any], source: str) -> Config:
         "log_level",
         "environments",
         "max_payload_bytes",
+        "max_step_bytes",
         "synchronous",
         "version",
         "environment",
+        "retention_days",
+        "retention",
     }
     unknown = set(table) - known
     if unknown:
@@ -85,8 +108,18 @@ def _from_table(config: Config, table: dict[str, Any], source: str) -> Config:
         changes["modules"] = tuple([modules] if isinstance(modules, str) else modules)
     if "max_duration" in table:
         changes["max_duration"] = float(table["max_duration"])
-    if "max_payload_bytes" in table:
-        changes["max_payload_bytes"] = int(table["max_payload_bytes"])
+    for name in ("max_payload_bytes", "max_step_bytes"):
+        if name in table:
+            changes[name] = int(table[name])
+    if "retention_days" in table:
+        changes["retention_days"] = retention(table["retention_days"], source)
+    if "retention" in table:
+        section = table["retention"]
+        extra = set(section) - {"days"} if isinstance(section, dict) else {"?"}
+        if extra:
+            raise ConfigError(f"{source}: [retention] takes only `days` (got {', '.join(sorted(extra))})")
+        if "days" in section:
+            changes["retention_days"] = retention(section["days"], f"{source} [retention]")
     if "retry" in table:
         retry = dict(table["retry"])
         changes["retry_enabled_in_dev"] = bool(retry.pop("enabled_in_dev", True))
@@ -116,6 +149,8 @@ def load(start: Path | None = None, env: dict[str, str] | None = None) -> Config
         config = replace(config, database_url=env["CONVEYOR_DATABASE_URL"])
     if env.get("CONVEYOR_LOG_LEVEL"):
         config = replace(config, log_level=env["CONVEYOR_LOG_LEVEL"])
+    if env.get("CONVEYOR_RETENTION_DAYS"):
+        config = replace(config, retention_days=retention(env["CONVEYOR_RETENTION_DAYS"], "CONVEYOR_RETENTION_DAYS"))
     if env.get("CONVEYOR_SQLITE_SYNCHRONOUS"):
         config = replace(config, synchronous=env["CONVEYOR_SQLITE_SYNCHRONOUS"])
     if (

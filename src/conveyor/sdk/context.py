@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from conveyor.core.errors import ConveyorError, InvalidOptions
-from conveyor.core.records import MetadataOp
+from conveyor.core.records import MetadataOp, StepRecord
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,20 @@ class Context:
 
 
 class Channel(Protocol):
+    """How a run's code reaches the worker that owns it. Writes are fenced by the run's lease."""
+
     def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None: ...
 
     def metadata(self, ops: list[MetadataOp]) -> None: ...
+
+    async def load_journal(self) -> list[StepRecord]: ...
+
+    async def save_step(self, step: StepRecord) -> None:
+        """Returns once the step is committed; raises StopExecution if the lease is gone."""
+
+    def load_journal_sync(self) -> list[StepRecord]: ...
+
+    def save_step_sync(self, step: StepRecord) -> None: ...
 
 
 @dataclass
@@ -67,6 +78,12 @@ class Execution:
     channel: Channel
     metadata: dict[str, Any] = field(default_factory=dict)
     log_level: int = 20
+    max_step_bytes: int = 1024 * 1024
+    # The step journal: loaded at the first step() call, by position.
+    journal: dict[int, StepRecord] | None = None
+    step_counts: dict[str, int] = field(default_factory=dict)
+    next_position: int = 0
+    nondeterministic: Exception | None = None  # set when a replay diverged (the run fails)
 
 
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar("conveyor_execution", default=None)

@@ -32,6 +32,7 @@ from conveyor.core.records import (
     Run,
     RunEvent,
     RunFilter,
+    StepRecord,
     TaskRecord,
     WorkerInfo,
 )
@@ -107,6 +108,14 @@ class Tx(ABC):
         """Time-driven transitions, all environments: DELAYED -> QUEUED when due, QUEUED past
         ttl -> EXPIRED, expired leases -> retry or CRASHED. Idempotent; any number may run."""
 
+    @abstractmethod
+    def run_purge(self, before: float, limit: int = 500) -> int:
+        """Retention: delete up to `limit` finished runs with `finished_at < before`, oldest
+        first, with their attempts, events, logs, tags, steps and expired idempotency-key rows.
+        Never a run whose idempotency key is still live (DECISIONS.md, "Idempotency"); rows
+        another transaction holds are skipped. One small batch per call keeps locks short.
+        -> runs deleted."""
+
     # --- runs: reads -------------------------------------------------------------------------
     @abstractmethod
     def run_get(self, environment: str, run_id: str) -> Run | None: ...
@@ -134,6 +143,14 @@ class Tx(ABC):
     @abstractmethod
     def log_append_many(self, lines: Sequence[LogLine]) -> int:
         """Append log lines whose run's lease still matches. -> lines written."""
+
+    @abstractmethod
+    def step_append_many(self, steps: Sequence[StepRecord]) -> list[bool]:
+        """Store completed steps whose run's lease still matches (False: refused)."""
+
+    @abstractmethod
+    def step_list(self, run_id: str) -> list[StepRecord]:
+        """The run's journal in call order."""
 
     @abstractmethod
     def metadata_apply(

@@ -17,6 +17,7 @@ from conveyor.core.clock import Clock
 from conveyor.core.errors import AbortRun, InvalidPayload, SerializationError
 from conveyor.core.records import ClaimedRun, Outcome, OutcomeKind
 from conveyor.core.status import RunStatus
+from conveyor.sdk import context
 from conveyor.sdk.context import AttemptInfo, Context, RunInfo, TaskInfo
 from conveyor.sdk.serde import error_dict, safe_str, to_json
 from conveyor.sdk.task import RetryDecision, Task
@@ -107,11 +108,20 @@ async def run_attempt(
         except AbortRun as exc:
             outcome = _failed(run, error_dict(exc, "ABORTED"))
         except Exception as exc:
-            outcome = await _after_error(task, run, ctx, clock, exc)
+            diverged = _diverged()
+            if diverged is not None:
+                outcome = _failed(run, error_dict(diverged, "NON_DETERMINISTIC"))
+            else:
+                outcome = await _after_error(task, run, ctx, clock, exc)
         else:
             reason = stop_reason()
             if reason is not None:  # the code swallowed its cancellation and returned
                 return await _stopped(task, run, ctx, payload, reason)
+            diverged = _diverged()
+            if diverged is not None:  # the code caught the error and went on: the run still fails
+                outcome = _failed(run, error_dict(diverged, "NON_DETERMINISTIC"))
+                await _quiet_hook(task, "on_failure", payload, outcome.error, ctx)
+                return outcome
             try:
                 output = to_json(result, f"the return value of {task.id}")
             except SerializationError as exc:
@@ -150,6 +160,12 @@ async def _stopped(task: Task[Any, Any], run: ClaimedRun, ctx: Context, payload:
     if reason == RELEASED:
         return Outcome(run.id, run.lease_token, OutcomeKind.RELEASED)
     return None  # LEASE_LOST: the run is someone else's now
+
+
+def _diverged() -> Exception | None:
+    """The non-determinism a replay hit in this execution, if any (it fails the run, no retry)."""
+    execution = context.current()
+    return None if execution is None else execution.nondeterministic
 
 
 def _failed(run: ClaimedRun, error: dict[str, Any]) -> Outcome:

@@ -20,12 +20,20 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.core.clock import SYSTEM_CLOCK
-from conveyor.core.records import ClaimedRun, MetadataOp
+from conveyor.core.records import ClaimedRun, MetadataOp, StepRecord
 from conveyor.sdk import client as client_module
 from conveyor.sdk import context, logs
 from conveyor.sdk.context import Execution
 from conveyor.sdk.registry import REGISTRY
-from conveyor.worker.attempt import CANCELED, RELEASED, TIMED_OUT, StopExecution, build_context, run_attempt
+from conveyor.worker.attempt import (
+    CANCELED,
+    LEASE_LOST,
+    RELEASED,
+    TIMED_OUT,
+    StopExecution,
+    build_context,
+    run_attempt,
+)
 
 # Signals the parent sends to stop the current run, and what each means.
 STOP_SIGNALS = {signal.SIGUSR1: CANCELED, signal.SIGUSR2: TIMED_OUT, signal.SIGHUP: RELEASED}
@@ -58,6 +66,27 @@ class PipeChannel:
     def metadata(self, ops: list[MetadataOp]) -> None:
         self.conn.send(("meta", [(op.op, op.key, op.value) for op in ops]))
 
+    def load_journal_sync(self) -> list[StepRecord]:
+        self.conn.send(("journal",))
+        return [StepRecord(**s) for s in self._reply("journal")]
+
+    def save_step_sync(self, step: StepRecord) -> None:
+        self.conn.send(("step", asdict(step)))
+        if not self._reply("step_ok"):
+            raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
+
+    async def load_journal(self) -> list[StepRecord]:  # async hooks of sync tasks run here too
+        return self.load_journal_sync()
+
+    async def save_step(self, step: StepRecord) -> None:
+        self.save_step_sync(step)
+
+    def _reply(self, kind: str) -> Any:
+        while True:
+            message = self.conn.recv()
+            if message[0] == kind:
+                return message[1]
+
 
 def main(conn: Connection, settings: dict[str, Any]) -> None:
     global _running, _stop_reason
@@ -81,11 +110,19 @@ def main(conn: Connection, settings: dict[str, Any]) -> None:
             return
         if message[0] == "exit":
             return
+        if message[0] != "run":
+            continue  # a late answer to a request of a run that was stopped meanwhile
         _, run_fields = message
         run = ClaimedRun(**run_fields)
         task = REGISTRY.get(run.task_id)
         ctx = build_context(task, run, environment)
-        execution = Execution(ctx=ctx, channel=channel, metadata=dict(run.metadata), log_level=log_level)
+        execution = Execution(
+            ctx=ctx,
+            channel=channel,
+            metadata=dict(run.metadata),
+            log_level=log_level,
+            max_step_bytes=settings["max_step_bytes"],
+        )
         token = context.enter(execution)
         _stop_reason = None
         _running = True

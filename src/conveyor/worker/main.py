@@ -49,6 +49,7 @@ def build_worker(modules: list[str], options: WorkerOptions, client: client_modu
         modules=list(modules),
         database_url=options.database_url or client.config.resolved_database_url,
         version=options.version or client.config.version,
+        max_step_bytes=client.config.max_step_bytes,
         log_level=logging.getLevelName(client.config.log_level.upper())
         if isinstance(logging.getLevelName(client.config.log_level.upper()), int)
         else logging.INFO,

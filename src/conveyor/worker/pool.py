@@ -22,10 +22,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.core.backoff import RetryPolicy
-from conveyor.core.records import ClaimedRun, MetadataOp, Outcome
+from conveyor.core.records import ClaimedRun, MetadataOp, Outcome, StepRecord
 from conveyor.core.status import RunStatus
+from conveyor.sdk.context import Channel
 from conveyor.worker import child
-from conveyor.worker.attempt import CANCELED, LEASE_LOST, RELEASED, TIMED_OUT
+from conveyor.worker.attempt import CANCELED, LEASE_LOST, RELEASED, TIMED_OUT, StopExecution
 
 log = logging.getLogger("conveyor.worker")
 
@@ -75,13 +76,13 @@ class SyncPool:
     async def run(
         self,
         run: ClaimedRun,
-        on_log: Callable[[str, str, dict[str, Any] | None, float], None],
-        on_metadata: Callable[[list[MetadataOp]], None],
+        channel: Channel,
         stopper: asyncio.Future[str],
         on_started: Callable[[], None] = lambda: None,
     ) -> Outcome | None:
-        """Run `run` in a child. Resolving `stopper` with a reason stops the code; `on_started`
-        is called when the code starts (a fresh child first imports the task modules)."""
+        """Run `run` in a child; what its code writes goes through `channel` (the run's channel
+        in the worker). Resolving `stopper` with a reason stops the code; `on_started` is called
+        when the code starts (a fresh child first imports the task modules)."""
         worker = self._idle.pop() if self._idle else await asyncio.to_thread(self._spawn)
         worker.busy = True
         loop = asyncio.get_running_loop()
@@ -130,9 +131,19 @@ class SyncPool:
                     else:
                         on_started()
                 elif kind == "log":
-                    on_log(*message[1:])
+                    channel.log(*message[1:])
                 elif kind == "meta":
-                    on_metadata([MetadataOp(op, key, value) for op, key, value in message[1]])
+                    channel.metadata([MetadataOp(op, key, value) for op, key, value in message[1]])
+                elif kind == "journal":  # the child waits for the answer
+                    journal = await channel.load_journal()
+                    worker.conn.send(("journal", [asdict(s) for s in journal]))
+                elif kind == "step":
+                    try:
+                        await channel.save_step(StepRecord(**message[1]))
+                        stored = True
+                    except StopExecution:
+                        stored = False
+                    worker.conn.send(("step_ok", stored))
                 elif kind == "done":
                     data = message[1]
                     if data is None:

@@ -32,6 +32,7 @@ from conveyor.core.records import (
     MetadataOp,
     Outcome,
     OutcomeKind,
+    StepRecord,
     WorkerInfo,
 )
 from conveyor.core.status import RunStatus
@@ -41,7 +42,15 @@ from conveyor.sdk import context, logs
 from conveyor.sdk.context import Execution
 from conveyor.sdk.serde import error_dict
 from conveyor.sdk.task import Task
-from conveyor.worker.attempt import CANCELED, LEASE_LOST, RELEASED, TIMED_OUT, build_context, run_attempt
+from conveyor.worker.attempt import (
+    CANCELED,
+    LEASE_LOST,
+    RELEASED,
+    TIMED_OUT,
+    StopExecution,
+    build_context,
+    run_attempt,
+)
 from conveyor.worker.pool import SyncPool
 
 log = logging.getLogger("conveyor.worker")
@@ -62,6 +71,7 @@ class WorkerOptions:
     modules: list[str] = field(default_factory=list)
     log_level: int = logging.INFO
     database_url: str | None = None
+    max_step_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -96,6 +106,33 @@ class _LocalChannel:
     def metadata(self, ops: list[MetadataOp]) -> None:
         self.worker._add_metadata(self.run, ops)
 
+    async def load_journal(self) -> list[StepRecord]:
+        return await self.worker._store(self.worker.engine.steps, self.run.id)
+
+    async def save_step(self, step: StepRecord) -> None:
+        step.lease_token = self.run.lease_token
+        if not await self.worker._add_step(step):
+            raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
+
+    # Sync tasks in thread mode call these from their thread; the work happens on the loop.
+    def load_journal_sync(self) -> list[StepRecord]:
+        return self._on_loop(self.load_journal())
+
+    def save_step_sync(self, step: StepRecord) -> None:
+        self._on_loop(self.save_step(step))
+
+    def _on_loop(self, coro: Any) -> Any:
+        loop = self.worker._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise ConveyorError("step_sync would block the worker's event loop: use `await conveyor.step(...)`")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
 
 class Worker:
     def __init__(self, engine: Engine, tasks: list[Task[Any, Any]], options: WorkerOptions | None = None) -> None:
@@ -117,6 +154,7 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._logs: list[LogLine] = []
         self._metadata: list[tuple[str, str, list[MetadataOp]]] = []
+        self._steps: list[tuple[StepRecord, asyncio.Future[bool]]] = []  # resolved when committed
         self._settling: set[str] = set()  # finished here, outcome not committed yet
         self._claim_wanted = True
         self._check_cancels = False
@@ -255,22 +293,30 @@ class Worker:
         )
 
     def _has_writes(self) -> bool:
-        return bool(self._outcomes or self._logs or self._metadata)
+        return bool(self._outcomes or self._logs or self._metadata or self._steps)
 
     async def _exchange(self, claim: ClaimRequest | None) -> None:
         outcomes, self._outcomes = self._outcomes, []
         lines, self._logs = self._logs, []
         metadata, self._metadata = self._metadata, []
+        steps, self._steps = self._steps, []
         self._claim_wanted = False
         try:
-            accepted, claimed = await self._store(self.engine.exchange, outcomes, lines, claim, metadata)
+            result = await self._store(
+                self.engine.exchange, outcomes, lines, claim, metadata, [record for record, _ in steps]
+            )
         except Exception as exc:
             # Keep every write: nothing reported may be lost. Try again shortly.
             log.error("store error, retrying: %s", exc)
             self._outcomes[:0], self._logs[:0], self._metadata[:0] = outcomes, lines, metadata
+            self._steps[:0] = steps
             self._claim_wanted = claim is not None
             await asyncio.sleep(0.2)
             return
+        accepted, claimed = result.accepted, result.claimed
+        for (_, done), ok in zip(steps, result.steps_accepted, strict=True):
+            if not done.done():
+                done.set_result(ok)
         self._settling.difference_update(o.run_id for o in outcomes)
         for outcome, ok in zip(outcomes, accepted, strict=True):
             if ok and outcome.kind == OutcomeKind.RETRY and outcome.retry_at is not None:
@@ -296,7 +342,12 @@ class Worker:
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
-            token = await self._store(self.engine.store.change_token)
+            try:
+                token = await self._store(self.engine.store.change_token)
+            except Exception as exc:  # the store is unreachable (a database restart): not fatal
+                log.error("store error, retrying: %s", exc)
+                self._claim_wanted = True  # look for work once it answers again
+                return
             if token != self._change_token:
                 self._change_token = token
                 self._claim_wanted = True
@@ -345,11 +396,7 @@ class Worker:
                 if entry.reason is not None:
                     entry.stopper.set_result(entry.reason)
                 outcome = await self._pool.run(
-                    run,
-                    lambda level, msg, attrs, ts: self._add_log(run, level, msg, attrs, ts),
-                    lambda ops: self._add_metadata(run, ops),
-                    entry.stopper,
-                    lambda: self._start_timer(entry),
+                    run, _LocalChannel(self, run), entry.stopper, lambda: self._start_timer(entry)
                 )
         except Exception as exc:  # a Conveyor fault, never user code: report it, keep going
             log.exception("run %s: executing failed inside the worker", run.id)
@@ -366,7 +413,11 @@ class Worker:
         run, task = entry.run, entry.task
         ctx = build_context(task, run, self.engine.environment)
         execution = Execution(
-            ctx=ctx, channel=_LocalChannel(self, run), metadata=dict(run.metadata), log_level=self.options.log_level
+            ctx=ctx,
+            channel=_LocalChannel(self, run),
+            metadata=dict(run.metadata),
+            log_level=self.options.log_level,
+            max_step_bytes=self.options.max_step_bytes,
         )
         token = context.enter(execution)
         try:
@@ -404,7 +455,11 @@ class Worker:
             if not entry.stopper.done():
                 entry.stopper.set_result(reason)
         elif entry.future is not None and (entry.task.is_async or self.options.sync_mode == "thread"):
-            entry.future.cancel()
+            # Not at once: a task cancelled before its first step never runs `_execute` at all,
+            # so the run would stay in `running` (its lease renewed) and never settle. Queued
+            # after that first step, the cancellation lands inside run_attempt, which settles it.
+            assert self._loop is not None
+            self._loop.call_soon(entry.future.cancel)
 
     # --- buffers --------------------------------------------------------------------------------
     def _add_log(self, run: ClaimedRun, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
@@ -413,6 +468,14 @@ class Worker:
             self._poke()
         elif len(self._logs) == 1 and self._loop is not None:
             self._loop.call_later(0.2, self._poke)
+
+    def _add_step(self, step: StepRecord) -> asyncio.Future[bool]:
+        """Queue a completed step for the next commit; the future says whether it was stored."""
+        assert self._loop is not None
+        done: asyncio.Future[bool] = self._loop.create_future()
+        self._steps.append((step, done))
+        self._poke()
+        return done
 
     def _add_metadata(self, run: ClaimedRun, ops: list[MetadataOp]) -> None:
         self._metadata.append((run.id, run.lease_token, ops))
@@ -484,6 +547,7 @@ class Worker:
             "environment": self.engine.environment,
             "log_level": self.options.log_level,
             "database_url": self.options.database_url or f"sqlite:///{self.engine.store.location}",
+            "max_step_bytes": self.options.max_step_bytes,
         }
 
 

@@ -8,6 +8,7 @@ nothing is left open between uses. The configured schema holds every object (`co
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -28,6 +29,8 @@ from conveyor.store.postgres.listen import PostgresListener
 from conveyor.store.postgres.tx import PostgresTx
 
 _BEGIN = "BEGIN"
+_RECONNECT_TIMEOUT = 3.0  # seconds the pool retries one failed connection (after 1 s, 2 s) before a fresh try
+_PROBE_AFTER = 1.0  # no pooled connection within this: is the server there at all?
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
@@ -120,11 +123,17 @@ class PostgresStore(Store):
                 migrate.apply(conn, self.schema, self._now_param())
             if check_schema:
                 migrate.check(conn, self.schema, self.location)
+        self.pool_timeout = pool_timeout
         self.pool = ConnectionPool(
             conninfo,
             min_size=1,
             max_size=max(1, pool_size),
             timeout=pool_timeout,
+            # psycopg_pool retries a failed connection with a pause that doubles up to this
+            # timeout (default 5 min): after a server restart the pool could stay empty for a
+            # minute. Give up after a few seconds instead: the next request for a connection
+            # starts a fresh attempt at once.
+            reconnect_timeout=_RECONNECT_TIMEOUT,
             kwargs={
                 "autocommit": True,
                 "prepare_threshold": prepare_threshold,
@@ -154,13 +163,36 @@ class PostgresStore(Store):
         """The injected clock's time, or None: SQL then uses the database's clock."""
         return None if self.clock.is_real() else self.clock.now()
 
+    def _getconn(self) -> psycopg.Connection:
+        """A pooled connection, waiting up to `pool_timeout` while all are busy; but when none
+        comes within a second, the server is asked directly, so that a server that is down fails
+        the call at once (StoreError, "cannot reach") rather than after the whole timeout."""
+        deadline = time.monotonic() + self.pool_timeout
+        while True:
+            try:
+                return self.pool.getconn(timeout=max(0.001, min(_PROBE_AFTER, deadline - time.monotonic())))
+            except PoolTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+            with self._direct():  # raises OperationalError when the server is unreachable
+                pass
+
+    @contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection]:
+        with translated(self.location):
+            conn = self._getconn()
+            try:
+                yield conn
+            finally:
+                self.pool.putconn(conn)
+
     @contextmanager
     def _session(self, begin: str) -> Iterator[psycopg.Connection]:
         """A pooled connection inside BEGIN ... COMMIT (ROLLBACK on error). A connection that
         died while idle in the pool (a server restart) is replaced before anything was done."""
         with translated(self.location):
             for attempt in range(3):
-                conn = self.pool.getconn()
+                conn = self._getconn()
                 try:
                     conn.execute(begin)
                 except BaseException as exc:
@@ -214,15 +246,15 @@ class PostgresStore(Store):
 
     # --- schema ---------------------------------------------------------------------------------
     def schema_version(self) -> int:
-        with translated(self.location), self.pool.connection() as conn:
+        with self._pooled() as conn:
             return migrate.current_version(conn, self.schema)
 
     def migrate(self) -> list[int]:
-        with translated(self.location), self.pool.connection() as conn:
+        with self._pooled() as conn:
             return migrate.apply(conn, self.schema, self._now_param())
 
     def change_token(self) -> int:
-        with translated(self.location), self.pool.connection() as conn:
+        with self._pooled() as conn:
             row = conn.execute(q.CHANGE_TOKEN).fetchone()
             return int(row[0]) if row else 0
 

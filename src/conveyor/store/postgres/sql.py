@@ -227,17 +227,40 @@ LIMIT %(window)s
 FOR UPDATE SKIP LOCKED
 """
 
+# `status || '' = ...` in the guards of the set-based updates is `status = ...` that the planner
+# cannot match to a partial index's predicate: it must find the rows by primary key, not scan
+# every QUEUED (runs_claim) or EXECUTING (runs_running) row to filter by id. With stale statistics
+# (a bulk insert not yet analyzed) it chose the scan, and each claim read the whole queue.
 CLAIM_UPDATE = """
 UPDATE conveyor.runs SET status = 'EXECUTING', worker_id = %(worker_id)s, lease_token = %(token)s,
     lease_expires_at = %(now)s + %(lease)s, attempt_count = attempt_count + 1,
     started_at = coalesce(started_at, %(now)s), expires_at = NULL, segment_started_at = %(now)s,
     executed_seconds = 0, version = coalesce(version, %(version)s::text), event_seq = event_seq + 1,
     updated_at = %(now)s
-WHERE id = ANY(%(ids)s::text[]) AND status = 'QUEUED'
+WHERE id = ANY(%(ids)s::text[]) AND status || '' = 'QUEUED'
 RETURNING id, task_id, queue, payload::text, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
     parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at
 """
+
+# CLAIM_UPDATE with the claimed runs' attempt rows and EXECUTING events in the same round trip.
+CLAIM_START = (
+    "WITH claimed AS ("
+    + CLAIM_UPDATE.strip()
+    + """
+), started AS (
+    INSERT INTO conveyor.attempts (run_id, number, worker_id, lease_token, status, started_at)
+    SELECT id, attempt_count, %(worker_id)s, %(token)s, 'EXECUTING', %(now)s FROM claimed
+    ON CONFLICT (run_id, number) DO UPDATE SET worker_id = excluded.worker_id,
+        lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL,
+        started_at = excluded.started_at, finished_at = NULL
+), events AS (
+    INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+    SELECT id, event_seq, attempt_count, 'status', '{"status":"EXECUTING"}'::jsonb, %(now)s FROM claimed
+)
+SELECT * FROM claimed
+"""
+)
 
 ATTEMPT_START = """
 INSERT INTO conveyor.attempts (run_id, number, worker_id, lease_token, status, started_at)
@@ -273,6 +296,26 @@ UPDATE conveyor.runs SET status = 'QUEUED', attempt_count = attempt_count - 1, {
     event_seq = event_seq + 1, updated_at = %(now)s
 {_SETTLE_GUARD}
 RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
+"""
+
+# The common case of a worker's exchange, all its COMPLETED outcomes in one round trip: the runs,
+# their attempts and their status events (a per-outcome loop cost three round trips per run and
+# bounded the drain). The data-modifying CTEs see `settled`, the rows this statement changed.
+SETTLE_COMPLETED_MANY = f"""
+WITH settled AS (
+    UPDATE conveyor.runs r SET status = 'COMPLETED', output = o.output::jsonb, error = NULL,
+        finished_at = %(now)s, {_SEGMENT}, {_UNLEASE}, event_seq = r.event_seq + 1, updated_at = %(now)s
+    FROM unnest(%(ids)s::text[], %(tokens)s::text[], %(outputs)s::text[]) AS o(id, token, output)
+    WHERE r.id = o.id AND r.lease_token = o.token AND r.status || '' = 'EXECUTING'
+    RETURNING r.id, r.event_seq, r.attempt_count
+), finished AS (
+    UPDATE conveyor.attempts a SET status = 'COMPLETED', error = NULL, finished_at = %(now)s
+    FROM settled s WHERE a.run_id = s.id AND a.number = s.attempt_count
+), events AS (
+    INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+    SELECT id, event_seq, attempt_count, 'status', '{{"status":"COMPLETED"}}'::jsonb, %(now)s FROM settled
+)
+SELECT id FROM settled
 """
 
 ATTEMPT_FINISH = """
@@ -369,6 +412,55 @@ SELECT min(t) FROM (
     UNION ALL SELECT min(lease_expires_at) FROM conveyor.runs WHERE status = 'EXECUTING') AS due
 """
 
+# --- retention ----------------------------------------------------------------------------------
+
+# One batch in one statement: the oldest finished runs (runs_finished index), skipping rows
+# another transaction holds and runs whose idempotency key is still live, then their child rows.
+# Data-modifying CTEs share one snapshot, so every DELETE sees exactly the runs `doomed` chose.
+# Child rows go by `run_id = ANY(array)`: index probes whatever the planner guesses of `doomed`.
+# Key rows still pointing at a purged run have expired (NOT EXISTS above): they go too, unless a
+# trigger took the key over meanwhile (the DELETE re-checks run_id after waiting for its lock).
+_PURGE = """
+WITH doomed AS (
+    SELECT r.id, r.environment, r.task_id, r.idempotency_key, r.tags FROM conveyor.runs r
+    WHERE r.finished_at < %(before)s
+      AND r.status IN ('COMPLETED', 'FAILED', 'CANCELED', 'CRASHED', 'TIMED_OUT', 'EXPIRED', 'SYSTEM_FAILURE')
+      AND NOT EXISTS (SELECT 1 FROM conveyor.idempotency_keys k
+                      WHERE k.environment = r.environment AND k.task_id = r.task_id
+                        AND k.key = r.idempotency_key AND k.run_id = r.id AND k.expires_at > %(now)s)
+    ORDER BY r.finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), gone_keys AS (
+    DELETE FROM conveyor.idempotency_keys k USING doomed d
+    WHERE k.environment = d.environment AND k.task_id = d.task_id AND k.key = d.idempotency_key
+      AND k.run_id = d.id
+), gone_tags AS (
+    DELETE FROM conveyor.run_tags t
+    USING (SELECT environment, jsonb_array_elements_text(tags) AS tag, id FROM doomed
+           WHERE jsonb_typeof(tags) = 'array') d
+    WHERE t.environment = d.environment AND t.tag = d.tag AND t.run_id = d.id
+), doomed_ids AS (
+    SELECT array_agg(id) AS ids FROM doomed
+), gone_attempts AS (
+    DELETE FROM conveyor.attempts WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+), gone_events AS (
+    DELETE FROM conveyor.run_events WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+), gone_logs AS (
+    DELETE FROM conveyor.run_logs WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+){steps}
+DELETE FROM conveyor.runs WHERE id IN (SELECT id FROM doomed)
+"""
+PURGE = _PURGE.format(steps="")
+# With the step journal (migration 0002).
+PURGE_WITH_STEPS = _PURGE.format(
+    steps=""", gone_steps AS (
+    DELETE FROM conveyor.run_steps WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+)"""
+)
+
+TABLE_EXISTS = "SELECT to_regclass(%(name)s) IS NOT NULL"
+
 # --- reads --------------------------------------------------------------------------------------
 
 RUN_COLUMNS = (
@@ -406,6 +498,20 @@ ORDER BY id LIMIT %(limit)s
 
 # One statement for a batch of lines; only lines whose run still holds the lease are written,
 # in input order.
+# A completed step, stored only while the run's lease still matches.
+STEP_APPEND = """
+INSERT INTO conveyor.run_steps (run_id, position, key, name, output, attempt, started_at, finished_at)
+SELECT %(run_id)s, %(position)s, %(key)s, %(name)s, %(output)s, %(attempt)s, %(started_at)s, %(finished_at)s
+WHERE EXISTS (SELECT 1 FROM conveyor.runs WHERE id = %(run_id)s AND lease_token = %(token)s
+              AND status = 'EXECUTING')
+ON CONFLICT (run_id, position) DO NOTHING
+"""
+
+STEP_LIST = """
+SELECT run_id, position, key, name, output, attempt, started_at, finished_at FROM conveyor.run_steps
+WHERE run_id = %(run_id)s ORDER BY position
+"""
+
 LOG_APPEND = """
 INSERT INTO conveyor.run_logs (run_id, attempt, ts, level, message, attributes)
 SELECT l.run_id, l.attempt, l.ts, l.level, l.message, l.attributes::jsonb

@@ -47,6 +47,7 @@ from conveyor.core.records import (
     Run,
     RunEvent,
     RunFilter,
+    StepRecord,
     TaskRecord,
     WorkerInfo,
 )
@@ -187,7 +188,9 @@ class PostgresTx(Tx):
         return self._exec(text, params).fetchall()
 
     def _many(self, text: str, rows: list[dict[str, Any]]) -> None:
-        if rows:
+        if len(rows) == 1:  # one round trip, without executemany's pipeline set-up
+            self._exec(text, rows[0])
+        elif rows:
             with self.conn.cursor(row_factory=tuple_row) as cur:
                 cur.executemany(self._sql(text), [self._params(r) for r in rows])
 
@@ -430,9 +433,10 @@ class PostgresTx(Tx):
                     break
                 picked = self._pick(request, queue, want)
                 if picked:
-                    # Start them now, so the next pass counts them against the limits.
+                    # Start them now (with their attempt rows and events), so the next pass
+                    # counts them against the limits.
                     rows += self._all(
-                        q.CLAIM_UPDATE,
+                        q.CLAIM_START,
                         {
                             "worker_id": request.worker_id,
                             "token": token,
@@ -448,15 +452,6 @@ class PostgresTx(Tx):
         if not rows:
             return []
         rows.sort(key=lambda r: (r[21], r[0]))
-        self._many(
-            q.ATTEMPT_START,
-            [{"run_id": r[0], "number": r[4], "worker_id": request.worker_id, "token": token} for r in rows],
-        )
-        executing = _STATUS_EVENT[RunStatus.EXECUTING]
-        self._many(
-            q.INSERT_EVENT,
-            [{"run_id": r[0], "seq": r[20], "attempt": r[4], "kind": "status", "data": executing} for r in rows],
-        )
         return [
             ClaimedRun(
                 id=r[0],
@@ -581,7 +576,32 @@ class PostgresTx(Tx):
 
     # --- runs: settle ---------------------------------------------------------------------------
     def run_settle_many(self, environment: str, outcomes: Sequence[Outcome]) -> list[bool]:
-        return [self._settle(o, attempt_status=None) for o in outcomes]
+        # COMPLETED outcomes (the bulk of a busy worker's exchange) in one statement; the rest,
+        # and a run named twice, one by one.
+        done: dict[str, Outcome] = {}
+        for o in outcomes:
+            if o.kind == OutcomeKind.COMPLETED:
+                done.setdefault(o.run_id, o)
+        accepted: set[str] = set()
+        if len(done) > 1:
+            rows = self._all(
+                q.SETTLE_COMPLETED_MANY,
+                {
+                    "ids": list(done),
+                    "tokens": [o.lease_token for o in done.values()],
+                    "outputs": [o.output for o in done.values()],
+                },
+            )
+            accepted = {r[0] for r in rows}
+        else:
+            done = {}
+        results = []
+        for o in outcomes:
+            if done.get(o.run_id) is o:
+                results.append(o.run_id in accepted)
+            else:
+                results.append(self._settle(o, attempt_status=None))
+        return results
 
     def _settle(self, o: Outcome, attempt_status: str | None) -> bool:
         error = _dumps(o.error)
@@ -741,6 +761,12 @@ class PostgresTx(Tx):
         result.next_due = self._one(q.NEXT_DUE)[0]
         return result
 
+    # --- retention ------------------------------------------------------------------------------
+    def run_purge(self, before: float, limit: int = 500) -> int:
+        steps = self._one(q.TABLE_EXISTS, {"name": f'"{self.schema}".run_steps'})[0]
+        cur = self._exec(q.PURGE_WITH_STEPS if steps else q.PURGE, {"before": float(before), "limit": int(limit)})
+        return max(cur.rowcount, 0)
+
     # --- reads ----------------------------------------------------------------------------------
     def run_get(self, environment: str, run_id: str) -> Run | None:
         row = self._one(q.RUN_GET, {"id": run_id, "env": environment})
@@ -825,6 +851,29 @@ class PostgresTx(Tx):
             },
         )
         return max(cur.rowcount, 0)
+
+    def step_append_many(self, steps: Sequence[StepRecord]) -> list[bool]:
+        accepted = []
+        for st in steps:
+            cur = self._exec(
+                q.STEP_APPEND,
+                {
+                    "run_id": st.run_id,
+                    "position": st.position,
+                    "key": st.key,
+                    "name": st.name,
+                    "output": st.output,
+                    "attempt": st.attempt,
+                    "started_at": st.started_at,
+                    "finished_at": st.finished_at,
+                    "token": st.lease_token,
+                },
+            )
+            accepted.append(cur.rowcount == 1)
+        return accepted
+
+    def step_list(self, run_id: str) -> list[StepRecord]:
+        return [StepRecord(*r) for r in self._all(q.STEP_LIST, {"run_id": run_id})]
 
     def metadata_apply(
         self, run_id: str, ops: Sequence[MetadataOp], lease_token: str | None = None

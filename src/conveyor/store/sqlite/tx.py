@@ -32,6 +32,7 @@ from conveyor.core.records import (
     Run,
     RunEvent,
     RunFilter,
+    StepRecord,
     TaskRecord,
     WorkerInfo,
 )
@@ -111,6 +112,12 @@ RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
 """
 
 FINISH_ATTEMPT = "UPDATE attempts SET status = ?, error = ?, finished_at = ? WHERE run_id = ? AND number = ?"
+
+STEP_INSERT = """
+INSERT OR IGNORE INTO run_steps (run_id, position, key, name, output, attempt, started_at, finished_at)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_token = ?9 AND status = 'EXECUTING')
+"""
 
 LOG_INSERT = """
 INSERT INTO run_logs (run_id, attempt, ts, level, message, attributes)
@@ -767,6 +774,40 @@ class SQLiteTx(Tx):
         )[0]
         return result
 
+    # --- retention -----------------------------------------------------------------------------
+    def run_purge(self, before: float, limit: int = 500) -> int:
+        """One batch under the write lock: small, so other writers wait milliseconds."""
+        doomed = self._all(
+            """SELECT r.id, r.environment, r.task_id, r.idempotency_key, r.tags FROM runs r
+               WHERE r.finished_at < ?1
+                 AND r.status IN ('COMPLETED', 'FAILED', 'CANCELED', 'CRASHED', 'TIMED_OUT', 'EXPIRED',
+                                  'SYSTEM_FAILURE')
+                 AND NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                                 WHERE k.environment = r.environment AND k.task_id = r.task_id
+                                   AND k.key = r.idempotency_key AND k.run_id = r.id AND k.expires_at > ?2)
+               ORDER BY r.finished_at LIMIT ?3""",
+            (before, self.now, limit),
+        )
+        if not doomed:
+            return 0
+        ids = json.dumps([r[0] for r in doomed])
+        keys = [(env, task_id, key, run_id) for run_id, env, task_id, key, _ in doomed if key is not None]
+        if keys:
+            # Expired (checked above): nothing else refers to them.
+            self.conn.executemany(
+                "DELETE FROM idempotency_keys WHERE environment = ? AND task_id = ? AND key = ? AND run_id = ?", keys
+            )
+        tags = [(env, tag, run_id) for run_id, env, _, _, t in doomed for tag in (_loads(t) or [])]
+        if tags:
+            self.conn.executemany("DELETE FROM run_tags WHERE environment = ? AND tag = ? AND run_id = ?", tags)
+        children = ["attempts", "run_events", "run_logs"]
+        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'run_steps'"):
+            children.append("run_steps")
+        for table in children:
+            self.conn.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT value FROM json_each(?))", (ids,))
+        self.conn.execute("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+        return len(doomed)
+
     # --- reads ---------------------------------------------------------------------------------
     def run_get(self, environment: str, run_id: str) -> Run | None:
         row = self._one(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ? AND environment = ?", (run_id, environment))
@@ -860,6 +901,34 @@ class SQLiteTx(Tx):
             ],
         )
         return self.conn.total_changes - before
+
+    def step_append_many(self, steps: Sequence[StepRecord]) -> list[bool]:
+        accepted = []
+        for st in steps:
+            cur = self.conn.execute(
+                STEP_INSERT,
+                (
+                    st.run_id,
+                    st.position,
+                    st.key,
+                    st.name,
+                    st.output,
+                    st.attempt,
+                    st.started_at,
+                    st.finished_at,
+                    st.lease_token,
+                ),
+            )
+            accepted.append(cur.rowcount == 1)
+        return accepted
+
+    def step_list(self, run_id: str) -> list[StepRecord]:
+        rows = self._all(
+            """SELECT run_id, position, key, name, output, attempt, started_at, finished_at FROM run_steps
+               WHERE run_id = ? ORDER BY position""",
+            (run_id,),
+        )
+        return [StepRecord(*r) for r in rows]
 
     def metadata_apply(
         self, run_id: str, ops: Sequence[MetadataOp], lease_token: str | None = None

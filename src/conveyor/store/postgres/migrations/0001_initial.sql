@@ -88,6 +88,8 @@ CREATE INDEX runs_delayed ON runs (available_at) WHERE status = 'DELAYED';
 CREATE INDEX runs_retry_due ON runs (available_at) WHERE status = 'QUEUED' AND attempt_count > 0;
 CREATE INDEX runs_ttl ON runs (expires_at) WHERE status = 'QUEUED' AND expires_at IS NOT NULL;
 CREATE INDEX runs_env_task ON runs (environment, task_id, id);
+-- Retention (run_purge): the oldest finished runs first, without reading the live ones.
+CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX runs_parent ON runs (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX runs_batch ON runs (batch_id) WHERE batch_id IS NOT NULL;
 
