@@ -28,7 +28,6 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.rows import tuple_row
 
-from conveyor.core.backoff import RetryPolicy
 from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound
 from conveyor.core.records import (
     Attempt,
@@ -52,6 +51,7 @@ from conveyor.core.records import (
     WorkerInfo,
 )
 from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
+from conveyor.store import common
 from conveyor.store.base import Tx
 from conveyor.store.postgres import sql as q
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from conveyor.store.postgres.driver import PostgresStore
 
 _STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
-_WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
 _DEFAULT_KEY_TTL = 30 * 86400.0
 _RENEW_PATIENCE = 2.0  # seconds the heartbeat retries its all-or-none row locks
 
@@ -74,78 +73,11 @@ def _check_key(key: str) -> None:
 
 
 def _row_to_run(row: Sequence[Any]) -> Run:
-    (
-        id_,
-        env,
-        task_id,
-        queue,
-        status,
-        payload,
-        output,
-        error,
-        attempts,
-        max_attempts,
-        tags,
-        metadata,
-        idem,
-        ckey,
-        priority,
-        machine,
-        version,
-        parent_id,
-        root_id,
-        batch_id,
-        created_at,
-        available_at,
-        started_at,
-        finished_at,
-        updated_at,
-        ttl,
-        max_duration,
-        executed,
-        cancel_requested,
-        worker_id,
-        retry,
-        key_limit,
-        queue_slot,
-        idempotency_key_ttl,
-    ) = row
-    return Run(
-        id=id_,
-        environment=env,
-        task_id=task_id,
-        queue=queue,
-        status=RunStatus(status),
-        payload=payload,
-        output=output,
-        error=error,
-        attempts=attempts,
-        max_attempts=max_attempts,
-        tags=tags or [],
-        metadata=metadata or {},
-        idempotency_key=idem,
-        concurrency_key=ckey,
-        priority=priority,
-        machine=machine,
-        version=version,
-        parent_id=parent_id,
-        root_id=root_id,
-        batch_id=batch_id,
-        created_at=created_at,
-        available_at=available_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        updated_at=updated_at,
-        ttl=ttl,
-        max_duration=max_duration,
-        executed_seconds=executed,
-        cancel_requested=bool(cancel_requested),
-        worker_id=worker_id,
-        retry=retry,
-        key_limit=key_limit,
-        queue_slot=bool(queue_slot),
-        idempotency_key_ttl=idempotency_key_ttl,
-    )
+    return common.run_from_row(row, _same)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class PostgresTx(Tx):
@@ -418,67 +350,21 @@ class PostgresTx(Tx):
 
     # --- runs: claim ----------------------------------------------------------------------------
     def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
-        """Round-robin over the queues with free capacity: each pass offers every queue an equal
-        share of what is left; a queue that could not fill its share drops out."""
         token = os.urandom(8).hex()
-        rows: list[Any] = []
-        remaining = request.limit
-        candidates = list(request.queues)
-        while remaining > 0 and candidates:
-            share = -(-remaining // len(candidates))
-            still_full = []
-            for queue in candidates:
-                want = min(share, remaining)
-                if want <= 0:
-                    break
-                picked = self._pick(request, queue, want)
-                if picked:
-                    # Start them now (with their attempt rows and events), so the next pass
-                    # counts them against the limits.
-                    rows += self._all(
-                        q.CLAIM_START,
-                        {
-                            "worker_id": request.worker_id,
-                            "token": token,
-                            "lease": float(request.lease_seconds),
-                            "version": request.version,
-                            "ids": picked,
-                        },
-                    )
-                    remaining -= len(picked)
-                if len(picked) == want:
-                    still_full.append(queue)
-            candidates = still_full
-        if not rows:
-            return []
-        rows.sort(key=lambda r: (r[21], r[0]))
-        return [
-            ClaimedRun(
-                id=r[0],
-                task_id=r[1],
-                queue=r[2],
-                payload=r[3],
-                attempt=r[4],
-                lease_token=token,
-                max_attempts=r[5],
-                retry=r[6],
-                max_duration=r[7],
-                executed_seconds=r[8],
-                tags=r[9] or [],
-                metadata=r[10] or {},
-                concurrency_key=r[11],
-                idempotency_key=r[12],
-                machine=r[13],
-                version=r[14],
-                parent_id=r[15],
-                root_id=r[16],
-                batch_id=r[17],
-                created_at=r[18],
-                started_at=r[19],
-                claimed_at=r[22],
-            )
-            for r in rows
-        ]
+        start_params = {
+            "worker_id": request.worker_id,
+            "token": token,
+            "lease": float(request.lease_seconds),
+            "version": request.version,
+        }
+        # Each start writes the runs, their attempt rows and EXECUTING events in one statement.
+        rows = common.claim_in_passes(
+            request.queues,
+            request.limit,
+            lambda queue, want: self._pick(request, queue, want),
+            lambda ids: self._all(q.CLAIM_START, {**start_params, "ids": ids}),
+        )
+        return [common.claimed_from_row(r, token, _same) for r in rows]
 
     def _lock_queue(self, env: str, queue: str) -> Any:
         """Lock the queue's row (its slot lock) until commit; None if another claimer holds it
@@ -745,13 +631,9 @@ class PostgresTx(Tx):
 
         lost = self._all(q.LEASES_LOST, {"limit": limit})
         for run_id, token, attempt, max_attempts, retry, cancel_requested, queue, _env in lost:
-            if cancel_requested:
-                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CANCELED)
-            elif attempt < max_attempts:
-                delay = RetryPolicy.from_dict(retry).delay_after(attempt)
-                outcome = Outcome(run_id, token, OutcomeKind.RETRY, error=_WORKER_LOST, retry_at=self.now + delay)
-            else:
-                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CRASHED)
+            outcome = common.lost_lease_outcome(
+                run_id, token, attempt, max_attempts, retry, bool(cancel_requested), self.now
+            )
             if self._settle(outcome, attempt_status="WORKER_LOST"):
                 result.recovered += 1
                 result.changed_queues.add(queue)

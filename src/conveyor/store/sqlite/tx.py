@@ -13,7 +13,6 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from conveyor.core.backoff import RetryPolicy
 from conveyor.core.errors import InvalidOptions, InvalidTransition, RunNotFound
 from conveyor.core.records import (
     Attempt,
@@ -37,17 +36,12 @@ from conveyor.core.records import (
     WorkerInfo,
 )
 from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
+from conveyor.store import common
 from conveyor.store.base import Tx
 
 _STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
-_WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
 
-RUN_COLUMNS = (
-    "id, environment, task_id, queue, status, payload, output, error, attempt_count, max_attempts, "
-    "tags, metadata, idempotency_key, concurrency_key, priority, machine, version, parent_id, root_id, "
-    "batch_id, created_at, available_at, started_at, finished_at, updated_at, ttl, max_duration, "
-    "executed_seconds, cancel_requested, worker_id, retry, key_limit, queue_slot, idempotency_key_ttl"
-)
+RUN_COLUMNS = common.RUN_COLUMNS
 
 _RUN_INSERT_COLUMNS = """id, task_id, queue, status, payload, available_at, priority, sort_key,
     ttl, expires_at, max_attempts, retry, max_duration, concurrency_key, key_limit, queue_slot,
@@ -141,78 +135,7 @@ def _json_path(key: str) -> str:
 
 
 def _row_to_run(row: sqlite3.Row | tuple[Any, ...]) -> Run:
-    (
-        id_,
-        env,
-        task_id,
-        queue,
-        status,
-        payload,
-        output,
-        error,
-        attempts,
-        max_attempts,
-        tags,
-        metadata,
-        idem,
-        ckey,
-        priority,
-        machine,
-        version,
-        parent_id,
-        root_id,
-        batch_id,
-        created_at,
-        available_at,
-        started_at,
-        finished_at,
-        updated_at,
-        ttl,
-        max_duration,
-        executed,
-        cancel_requested,
-        worker_id,
-        retry,
-        key_limit,
-        queue_slot,
-        idempotency_key_ttl,
-    ) = row
-    return Run(
-        id=id_,
-        environment=env,
-        task_id=task_id,
-        queue=queue,
-        status=RunStatus(status),
-        payload=_loads(payload),
-        output=_loads(output),
-        error=_loads(error),
-        attempts=attempts,
-        max_attempts=max_attempts,
-        tags=_loads(tags) or [],
-        metadata=_loads(metadata) or {},
-        idempotency_key=idem,
-        concurrency_key=ckey,
-        priority=priority,
-        machine=machine,
-        version=version,
-        parent_id=parent_id,
-        root_id=root_id,
-        batch_id=batch_id,
-        created_at=created_at,
-        available_at=available_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        updated_at=updated_at,
-        ttl=ttl,
-        max_duration=max_duration,
-        executed_seconds=executed,
-        cancel_requested=bool(cancel_requested),
-        worker_id=worker_id,
-        retry=_loads(retry),
-        key_limit=key_limit,
-        queue_slot=bool(queue_slot),
-        idempotency_key_ttl=idempotency_key_ttl,
-    )
+    return common.run_from_row(row, _loads)
 
 
 class SQLiteTx(Tx):
@@ -455,42 +378,18 @@ class SQLiteTx(Tx):
 
     # --- runs: claim -------------------------------------------------------------------------
     def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
-        """Round-robin over the queues with free capacity: each pass offers every queue an equal
-        share of what is left; a queue that could not fill its share drops out."""
         now = self.now
         token = os.urandom(8).hex()
         tasks_json = json.dumps(request.task_ids)
-        rows: list[Any] = []
-        remaining = request.limit
-        candidates = list(request.queues)
-        while remaining > 0 and candidates:
-            share = -(-remaining // len(candidates))
-            still_full = []
-            for queue in candidates:
-                want = min(share, remaining)
-                if want <= 0:
-                    break
-                picked = self._pick(request, queue, want, tasks_json)
-                if picked:
-                    # Start them now, so the next pass counts them against the limits.
-                    rows += self._all(
-                        CLAIM_UPDATE,
-                        (
-                            request.worker_id,
-                            token,
-                            now + request.lease_seconds,
-                            now,
-                            request.version,
-                            json.dumps(picked),
-                        ),
-                    )
-                    remaining -= len(picked)
-                if len(picked) == want:
-                    still_full.append(queue)
-            candidates = still_full
+        start_params = (request.worker_id, token, now + request.lease_seconds, now, request.version)
+        rows = common.claim_in_passes(
+            request.queues,
+            request.limit,
+            lambda queue, want: self._pick(request, queue, want, tasks_json),
+            lambda ids: self._all(CLAIM_UPDATE, (*start_params, json.dumps(ids))),
+        )
         if not rows:
             return []
-        rows.sort(key=lambda r: (r[21], r[0]))
         self.conn.executemany(
             """INSERT OR REPLACE INTO attempts (run_id, number, worker_id, lease_token, status, started_at)
                VALUES (?, ?, ?, ?, 'EXECUTING', ?)""",
@@ -498,33 +397,7 @@ class SQLiteTx(Tx):
         )
         executing = _STATUS_EVENT[RunStatus.EXECUTING]
         self.conn.executemany(INSERT_EVENT, [(r[0], r[20], r[4], "status", executing, now) for r in rows])
-        return [
-            ClaimedRun(
-                id=r[0],
-                task_id=r[1],
-                queue=r[2],
-                payload=r[3],
-                attempt=r[4],
-                lease_token=token,
-                max_attempts=r[5],
-                retry=_loads(r[6]),
-                max_duration=r[7],
-                executed_seconds=r[8],
-                tags=_loads(r[9]) or [],
-                metadata=_loads(r[10]) or {},
-                concurrency_key=r[11],
-                idempotency_key=r[12],
-                machine=r[13],
-                version=r[14],
-                parent_id=r[15],
-                root_id=r[16],
-                batch_id=r[17],
-                created_at=r[18],
-                started_at=r[19],
-                claimed_at=r[22],
-            )
-            for r in rows
-        ]
+        return [common.claimed_from_row(r, token, _loads) for r in rows]
 
     def _pick(self, request: ClaimRequest, queue: str, want: int, tasks_json: str) -> list[str]:
         """Admission checks for one queue: paused, the queue's slots, each key's slots."""
@@ -746,13 +619,9 @@ class SQLiteTx(Tx):
             (now, limit),
         )
         for run_id, token, attempt, max_attempts, retry, cancel_requested, queue in lost:
-            if cancel_requested:
-                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CANCELED)
-            elif attempt < max_attempts:
-                delay = RetryPolicy.from_dict(_loads(retry)).delay_after(attempt)
-                outcome = Outcome(run_id, token, OutcomeKind.RETRY, error=_WORKER_LOST, retry_at=now + delay)
-            else:
-                outcome = Outcome(run_id, token, OutcomeKind.FAILED, error=_WORKER_LOST, status=RunStatus.CRASHED)
+            outcome = common.lost_lease_outcome(
+                run_id, token, attempt, max_attempts, _loads(retry), bool(cancel_requested), now
+            )
             if self._settle(outcome, attempt_status="WORKER_LOST"):
                 result.recovered += 1
                 result.changed_queues.add(queue)

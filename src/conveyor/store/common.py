@@ -1,0 +1,93 @@
+"""Run-lifecycle logic both drivers share: no SQL here, only what to do with the rows.
+
+Each driver decodes its own column types (SQLite keeps JSON as text, PostgreSQL returns
+jsonb as Python values) and passes `decode` for JSON columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from conveyor.core.backoff import RetryPolicy
+from conveyor.core.records import ClaimedRun, Outcome, OutcomeKind, Run
+from conveyor.core.status import RunStatus
+
+Decode = Callable[[Any], Any]
+
+WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
+
+# The columns of a Run, in the order `run_from_row` reads them.
+RUN_COLUMNS = (
+    "id, environment, task_id, queue, status, payload, output, error, attempt_count, max_attempts, "
+    "tags, metadata, idempotency_key, concurrency_key, priority, machine, version, parent_id, root_id, "
+    "batch_id, created_at, available_at, started_at, finished_at, updated_at, ttl, max_duration, "
+    "executed_seconds, cancel_requested, worker_id, retry, key_limit, queue_slot, idempotency_key_ttl"
+)
+
+
+def run_from_row(r: Sequence[Any], decode: Decode) -> Run:
+    return Run(
+        id=r[0], environment=r[1], task_id=r[2], queue=r[3], status=RunStatus(r[4]), payload=decode(r[5]),
+        output=decode(r[6]), error=decode(r[7]), attempts=r[8], max_attempts=r[9], tags=decode(r[10]) or [],
+        metadata=decode(r[11]) or {}, idempotency_key=r[12], concurrency_key=r[13], priority=r[14],
+        machine=r[15], version=r[16], parent_id=r[17], root_id=r[18], batch_id=r[19], created_at=r[20],
+        available_at=r[21], started_at=r[22], finished_at=r[23], updated_at=r[24], ttl=r[25],
+        max_duration=r[26], executed_seconds=r[27], cancel_requested=bool(r[28]), worker_id=r[29],
+        retry=decode(r[30]), key_limit=r[31], queue_slot=bool(r[32]), idempotency_key_ttl=r[33],
+    )  # fmt: skip
+
+
+def claimed_from_row(r: Sequence[Any], token: str, decode: Decode) -> ClaimedRun:
+    """A row of the claim's RETURNING list (the same order in both drivers)."""
+    return ClaimedRun(
+        id=r[0], task_id=r[1], queue=r[2], payload=r[3], attempt=r[4], lease_token=token, max_attempts=r[5],
+        retry=decode(r[6]), max_duration=r[7], executed_seconds=r[8], tags=decode(r[9]) or [],
+        metadata=decode(r[10]) or {}, concurrency_key=r[11], idempotency_key=r[12], machine=r[13],
+        version=r[14], parent_id=r[15], root_id=r[16], batch_id=r[17], created_at=r[18], started_at=r[19],
+        claimed_at=r[22],
+    )  # fmt: skip
+
+
+def claim_in_passes(
+    queues: Sequence[str],
+    limit: int,
+    pick: Callable[[str, int], list[str]],
+    start: Callable[[list[str]], list[Any]],
+) -> list[Any]:
+    """Round-robin over the queues with free capacity: each pass offers every queue an equal
+    share of what is left; a queue that could not fill its share drops out. `pick(queue, want)`
+    admits run ids; `start(ids)` starts them at once (so the next pass counts them against the
+    limits) and returns their rows. -> the rows, in claim order (sort_key, id)."""
+    rows: list[Any] = []
+    remaining = limit
+    candidates = list(queues)
+    while remaining > 0 and candidates:
+        share = -(-remaining // len(candidates))
+        still_full = []
+        for queue in candidates:
+            want = min(share, remaining)
+            if want <= 0:
+                break
+            picked = pick(queue, want)
+            if picked:
+                rows += start(picked)
+                remaining -= len(picked)
+            if len(picked) == want:
+                still_full.append(queue)
+        candidates = still_full
+    rows.sort(key=lambda r: (r[21], r[0]))
+    return rows
+
+
+def lost_lease_outcome(
+    run_id: str, token: str, attempt: int, max_attempts: int, retry: dict[str, Any] | None, canceled: bool, now: float
+) -> Outcome:
+    """An expired lease is a failed attempt (WORKER_LOST): retried with backoff while attempts
+    remain, else CRASHED; CANCELED when a cancel was already asked for."""
+    if canceled:
+        return Outcome(run_id, token, OutcomeKind.FAILED, error=WORKER_LOST, status=RunStatus.CANCELED)
+    if attempt < max_attempts:
+        delay = RetryPolicy.from_dict(retry).delay_after(attempt)
+        return Outcome(run_id, token, OutcomeKind.RETRY, error=WORKER_LOST, retry_at=now + delay)
+    return Outcome(run_id, token, OutcomeKind.FAILED, error=WORKER_LOST, status=RunStatus.CRASHED)
