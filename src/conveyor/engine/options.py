@@ -67,6 +67,8 @@ def _seconds(value: Any, name: str, *, allow_zero: bool = True) -> float:
 
 
 def validate_tags(tags: list[str]) -> list[str]:
+    if not tags:
+        return []
     if len(tags) > MAX_TAGS:
         raise InvalidOptions(f"a run takes at most {MAX_TAGS} tags, got {len(tags)}")
     for tag in tags:
@@ -113,11 +115,13 @@ def prepare_run(
     Keyword arguments carry values the SDK derived from the payload (key functions); explicit
     trigger options win over them.
     """
-    size = len(payload_json.encode())
-    if size > limits.max_payload_bytes:
-        raise PayloadTooLarge(
-            f"payload of {task.task_id} is {size:,} bytes; the limit is {limits.max_payload_bytes:,} bytes"
-        )
+    # A character is at most 4 bytes in UTF-8: short payloads need no encoding to be measured.
+    if len(payload_json) * 4 > limits.max_payload_bytes:
+        size = len(payload_json.encode())
+        if size > limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload of {task.task_id} is {size:,} bytes; the limit is {limits.max_payload_bytes:,} bytes"
+            )
     o = task.options
     available_at = now
     status = RunStatus.QUEUED

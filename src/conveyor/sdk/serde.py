@@ -75,7 +75,8 @@ def plain(value: Any) -> Any:
 
 def to_json(value: Any, what: str, error: type[Exception] = SerializationError) -> str:
     try:
-        return json.dumps(plain(value), separators=(",", ":"), allow_nan=False, default=_default)
+        # Plain JSON types skip the model/dataclass checks (the trigger hot path).
+        return _ENCODER.encode(value if type(value) in _NATIVE else plain(value))
     except (TypeError, ValueError, RecursionError) as exc:
         raise error(f"{what} is not JSON-serialisable: {exc}") from None
 
@@ -84,6 +85,11 @@ def _default(value: Any) -> Any:
     if isinstance(value, BaseModel) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
         return plain(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_NATIVE = {dict, list, str, int, float, bool, type(None)}
+# One encoder for every call: json.dumps builds a new one whenever options are passed.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
 
 
 def safe_str(value: Any) -> str:

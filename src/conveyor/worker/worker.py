@@ -182,6 +182,7 @@ class Worker:
         self._loop.add_reader(wake_socket.fileno(), self._on_datagram, wake_socket)
         # PostgreSQL: LISTEN/NOTIFY wake-ups, forwarded to the socket (None on SQLite).
         listener = await self._store(self.engine.listen, self.id, wake_socket.address)
+        prewarm: asyncio.Future[None] | None = None
         records = [self.engine_task_record(t) for t in self.tasks.values()]
         await self._store(self.engine.register, records, [t.queue_spec() for t in self.tasks.values()])
         await self._store(
@@ -202,7 +203,8 @@ class Worker:
         self.engine.notifier.forget()
         if any(not t.is_async for t in self.tasks.values()) and self.options.sync_mode == "process":
             self._pool = SyncPool(self._child_settings(), self.options.modules)
-            await asyncio.to_thread(self._pool.prewarm)
+            # Start the first child in the background: async runs need not wait for it.
+            prewarm = self._loop.run_in_executor(None, self._pool.prewarm)
         self._last_renewal = time.monotonic()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="conveyor-heartbeat", daemon=True)
         heartbeat.start()
@@ -218,6 +220,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._store(self.engine.deregister_worker, self.id)
             if self._pool is not None:
+                if prewarm is not None:
+                    with contextlib.suppress(Exception):
+                        await prewarm
                 await asyncio.to_thread(self._pool.close)
             self._store_thread.shutdown(wait=True)
             heartbeat.join(timeout=5)
