@@ -227,6 +227,28 @@ LIMIT %(window)s
 FOR UPDATE SKIP LOCKED
 """
 
+# The queue's settings (QUEUE_READ) and, for a queue without a limit and not paused, the first
+# CLAIM_CANDIDATES, in one round trip: an idle worker's claim is one statement shorter (W3 latency).
+# Always one row at least: (NULL candidate, limit, paused) when there is no candidate. For a queue
+# with a limit or paused the gate (an InitPlan, evaluated before the scan) locks no run: the caller
+# then takes the queue's lock and asks CLAIM_CANDIDATES, as before.
+CLAIM_FIRST_CANDIDATES = (
+    """WITH q AS (
+    SELECT concurrency_limit, paused FROM conveyor.queues WHERE environment = %(env)s AND name = %(queue)s
+)
+SELECT c.id, c.concurrency_key, c.key_limit, c.queue_slot, s.concurrency_limit, s.paused
+FROM (SELECT (SELECT concurrency_limit FROM q) AS concurrency_limit,
+             coalesce((SELECT paused FROM q), false) AS paused) AS s
+LEFT JOIN LATERAL (
+"""
+    + CLAIM_CANDIDATES.strip().replace(
+        "\nORDER BY", "\n  AND NOT EXISTS (SELECT 1 FROM q WHERE paused OR concurrency_limit IS NOT NULL)\nORDER BY"
+    )
+    + """
+) AS c ON true
+"""
+)
+
 # `status || '' = ...` in the guards of the set-based updates is `status = ...` that the planner
 # cannot match to a partial index's predicate: it must find the rows by primary key, not scan
 # every QUEUED (runs_claim) or EXECUTING (runs_running) row to filter by id. With stale statistics

@@ -81,8 +81,16 @@ def _same(value: Any) -> Any:
 
 
 class PostgresTx(Tx):
-    def __init__(self, conn: psycopg.Connection, store: PostgresStore, now: float | None) -> None:
-        """`now` is the injected clock's time, or None to use the database's clock."""
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        store: PostgresStore,
+        now: float | None,
+        notifies: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """`now` is the injected clock's time, or None to use the database's clock. `notifies`:
+        where wake() leaves its NOTIFYs for the store to send with the COMMIT (one round trip);
+        None (the caller's transaction, which we do not commit) sends each one at once."""
         self.conn = conn
         # Our own cursor with tuple rows: a caller's connection (transactional enqueue) may
         # have another row factory.
@@ -92,6 +100,7 @@ class PostgresTx(Tx):
         self._db_clock = now is None
         self._now = now
         self._notified: set[tuple[str, str]] = set()
+        self._notifies = notifies
         self._holds_queue_lock = False
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -137,7 +146,10 @@ class PostgresTx(Tx):
         key = (target, message.decode())
         if key not in self._notified:
             self._notified.add(key)
-            self.conn.execute(q.NOTIFY, {"channel": key[0], "payload": key[1]})
+            if self._notifies is not None:
+                self._notifies.append(key)  # sent in the commit's round trip (PostgresStore._commit)
+            else:
+                self.conn.execute(q.NOTIFY, {"channel": key[0], "payload": key[1]})
         return True
 
     # --- registry -------------------------------------------------------------------------------
@@ -379,12 +391,29 @@ class PostgresTx(Tx):
         """Admission checks for one queue: paused, the queue's slots, each key's slots."""
         env = request.environment
         params = {"env": env, "queue": queue}
-        row = self._one(q.QUEUE_READ, params)
-        limit, paused = (row[0], row[1]) if row else (None, False)
+
+        def candidates_params(full_keys: list[str], queue_free: int, picked: list[str], window: int) -> dict[str, Any]:
+            return {
+                **params,
+                "machine": request.machine,
+                "version": request.version,
+                "task_ids": request.task_ids,
+                "full_keys": full_keys,
+                "queue_free": queue_free,
+                "picked": picked,
+                "window": window,
+            }
+
+        # The queue's settings and, when it has no limit, the first candidates: one round trip.
+        first = self._all(q.CLAIM_FIRST_CANDIDATES, candidates_params([], want, [], want))
+        limit, paused = first[0][4], first[0][5]
         if paused:
             return []
+        prefetched: list[Any] | None = None
         queue_locked = False
-        if limit is not None:
+        if limit is None:
+            prefetched = [r[:4] for r in first if r[0] is not None]
+        else:
             row = self._lock_queue(env, queue)
             if row is None:
                 return []
@@ -403,20 +432,10 @@ class PostgresTx(Tx):
         key_running: dict[str, int] = {}
         while len(picked) < want:
             window = want - len(picked)
-            candidates = self._all(
-                q.CLAIM_CANDIDATES,
-                {
-                    "env": env,
-                    "queue": queue,
-                    "machine": request.machine,
-                    "version": request.version,
-                    "task_ids": request.task_ids,
-                    "full_keys": full_keys,
-                    "queue_free": queue_free,
-                    "picked": picked,
-                    "window": window,
-                },
-            )
+            if prefetched is not None:  # the first pass of a queue without a limit: already read
+                candidates, prefetched = prefetched, None
+            else:
+                candidates = self._all(q.CLAIM_CANDIDATES, candidates_params(full_keys, queue_free, picked, window))
             new_keys = sorted({c[1] for c in candidates if c[1] is not None and c[1] not in key_running})
             if new_keys:
                 self._count_keys(env, queue, new_keys, queue_locked, key_running)
