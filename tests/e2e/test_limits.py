@@ -16,9 +16,7 @@ from collections import defaultdict
 
 import harness
 import limit_tasks
-from harness import SUPPORT, busy_victim, check_exactly_once, wait_until
-
-from conveyor import BatchItem
+from harness import SUPPORT, check_exactly_once, wait_until
 
 QUEUE = limit_tasks.LIMITED_QUEUE.name
 QUEUE_LIMIT = limit_tasks.LIMITED_QUEUE.concurrency_limit
@@ -67,35 +65,11 @@ def test_monitor_never_sees_limits_exceeded(make_cluster):
     rnd = random.Random(3)
     workers = [cluster.start_worker(concurrency=8) for _ in range(3)]
     cluster.wait_ready(workers)
-    keys = [f"user-{i}" for i in range(8)]
-    items: list[BatchItem] = []
-    for n in range(400):
-        key, ms = rnd.choice(keys), rnd.randint(10, 60)
-        if n % 4 == 0:  # the trigger's concurrency_key replaces Concurrency.key(payload)
-            items.append(BatchItem({"n": n, "key": "not-this-one", "ms": ms}, {"concurrency_key": key}))
-        else:
-            items.append(BatchItem({"n": n, "key": key, "ms": ms}))
-    # One run in four is a sync task (in a pool child), in the same queue and keys.
-    sync_items, async_items = items[1::4], [item for i, item in enumerate(items) if i % 4 != 1]
-    expected = {}
-    for task, batch in ((limit_tasks.limited, async_items), (limit_tasks.limited_sync, sync_items)):
-        for handle, item in zip(task.batch_trigger(batch), batch, strict=True):
-            expected[handle.id] = limit_tasks.expected_output(item.payload["n"])
+    keys = harness.LIMIT_KEYS
+    expected = harness.trigger_limit_workload(rnd)
     ids = list(expected)
 
-    kills_mid_run = 0
-    for _ in range(6):
-        time.sleep(rnd.uniform(0.5, 1.0))  # the kill schedule
-        victim, running = busy_victim(cluster, rnd, patience=3.0)
-        kills_mid_run += running > 0
-        cluster.kill9(victim)
-        cluster.start_worker(concurrency=8)
-    wait_until(
-        lambda: cluster.statuses(ids)["COMPLETED"] == len(ids),
-        timeout=max(10.0, 80.0 - (time.monotonic() - started)),
-        what="every run to complete",
-        interval=0.1,
-    )
+    kills_mid_run = harness.kill_while_running(cluster, rnd, 6, ids, started)
     (cluster.dir / "monitor.stop").touch()
     wait_until(lambda: monitor.poll() is not None, timeout=10, what="the monitor to finish")
     with open(out) as f:

@@ -435,3 +435,49 @@ def check_exactly_once(
         "handed_back": handed_back,
         "side_effects": len(mine),
     }
+
+
+LIMIT_KEYS = [f"user-{i}" for i in range(8)]
+
+
+def trigger_limit_workload(rnd: random.Random, n: int = 400) -> dict[str, Any]:
+    """The limit tests' workload on `limit_tasks`: runs over 8 keys, one in four keyed at
+    trigger time, one in four a sync task (in a pool child) on the same queue and keys.
+    -> {run id: expected output}."""
+    import limit_tasks
+
+    from conveyor import BatchItem
+
+    keys = LIMIT_KEYS
+    items: list[BatchItem] = []
+    for i in range(n):
+        key, ms = rnd.choice(keys), rnd.randint(10, 60)
+        if i % 4 == 0:  # the trigger's concurrency_key replaces Concurrency.key(payload)
+            items.append(BatchItem({"n": i, "key": "not-this-one", "ms": ms}, {"concurrency_key": key}))
+        else:
+            items.append(BatchItem({"n": i, "key": key, "ms": ms}))
+    sync_items, async_items = items[1::4], [item for i, item in enumerate(items) if i % 4 != 1]
+    expected = {}
+    for task, batch in ((limit_tasks.limited, async_items), (limit_tasks.limited_sync, sync_items)):
+        for handle, item in zip(task.batch_trigger(batch), batch, strict=True):
+            expected[handle.id] = limit_tasks.expected_output(item.payload["n"])
+    return expected
+
+
+def kill_while_running(cluster: Any, rnd: random.Random, kills: int, ids: list[str], started: float) -> int:
+    """kill -9 a busy worker every 0.5-1 s, `kills` times, replacing each at once; then wait
+    until every run COMPLETED. -> how many kills landed while the victim ran something."""
+    mid_run = 0
+    for _ in range(kills):
+        time.sleep(rnd.uniform(0.5, 1.0))  # the kill schedule
+        victim, running = busy_victim(cluster, rnd, patience=3.0)
+        mid_run += running > 0
+        cluster.kill9(victim)
+        cluster.start_worker(concurrency=8)
+    wait_until(
+        lambda: cluster.statuses(ids)["COMPLETED"] == len(ids),
+        timeout=max(10.0, 80.0 - (time.monotonic() - started)),
+        what="every run to complete",
+        interval=0.1,
+    )
+    return mid_run
