@@ -29,39 +29,25 @@ import pytest
 from harness import SUPPORT, busy_victim, check_exactly_once, wait_until
 from pg_harness import PgCluster
 
-import conveyor
-from conveyor.sdk import client as client_module
-
+from .conftest import clusters
 from .test_limits import QUEUE, QUEUE_LIMIT
 
 
 @pytest.fixture
 def make_pg_cluster(tmp_path: Path, postgres_url: str) -> Iterator[Callable[..., PgCluster]]:
     """Clusters on fresh schemas; their processes killed and their schemas dropped at teardown."""
-    made: list[PgCluster] = []
 
-    def make(modules: str, server_url: str = postgres_url) -> PgCluster:
-        directory = tmp_path / f"cluster{len(made)}"
-        directory.mkdir()
-        cluster = pg_harness.make_pg_cluster(directory, modules, server_url, pg_harness.fresh_schema())
-        made.append(cluster)
-        client = conveyor.configure(database_url=cluster.url)
-        client.engine  # creates the schema before any worker starts  # noqa: B018
-        return cluster
+    def build(directory: Path, modules: str, server_url: str = postgres_url) -> PgCluster:
+        return pg_harness.make_pg_cluster(directory, modules, server_url, pg_harness.fresh_schema())
 
-    try:
+    def drop(cluster: PgCluster) -> None:
+        try:
+            pg_harness.drop_schema(cluster.server_url, cluster.schema)
+        except psycopg.OperationalError:
+            pass  # a private server already stopped: its data directory is removed with it
+
+    with clusters(tmp_path, build, drop) as make:
         yield make
-    finally:
-        for cluster in made:
-            cluster.close()
-        old = client_module.set_client(None)
-        if old is not None:
-            old.close()
-        for cluster in made:
-            try:
-                pg_harness.drop_schema(cluster.server_url, cluster.schema)
-            except psycopg.OperationalError:
-                pass  # a private server already stopped: its data directory is removed with it
 
 
 # A sync run's pool child stopped by a signal while asyncio.run() is still building its event

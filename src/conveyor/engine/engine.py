@@ -82,6 +82,7 @@ class Engine:
         self.notifier = Notifier(store, environment)
         self.retention_days = retention_days  # None: keep finished runs forever
         self._purge_at = 0.0  # store-clock time of the next retention batch
+        self._known_queues: set[str] = set()
 
     @property
     def now(self) -> float:
@@ -122,12 +123,17 @@ class Engine:
         return self.insert([self.prepare(task, payload_json, options, **derived)], connection)[0]
 
     def check_queue(self, name: str) -> None:
+        """Raise UnknownQueue unless a queue of that name exists. Queues are not deleted, so a
+        name found once is remembered (a batch with a queue override reads the store once)."""
+        if name in self._known_queues:
+            return
         with self.store.read() as tx:
             known = tx.queue_get(self.environment, name) is not None or any(
                 t.queue == name for t in tx.task_list(self.environment)
             )
         if not known:
             raise UnknownQueue(f"no queue {name!r} in environment {self.environment!r}")
+        self._known_queues.add(name)
 
     def insert(self, runs: Sequence[NewRun], connection: object = None) -> list[tuple[str, bool]]:
         """Insert prepared runs atomically; -> (run id, created) in input order. With a

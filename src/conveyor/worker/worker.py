@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from conveyor.core.backoff import RetryPolicy
@@ -33,6 +33,7 @@ from conveyor.core.records import (
     Outcome,
     OutcomeKind,
     StepRecord,
+    TaskRecord,
     WorkerInfo,
 )
 from conveyor.core.status import RunStatus
@@ -242,13 +243,13 @@ class Worker:
 
         self._call_soon(stop)
 
-    def engine_task_record(self, task: Task[Any, Any]) -> Any:
+    def engine_task_record(self, task: Task[Any, Any]) -> TaskRecord:
+        """The registry row this worker writes: the client's record (project defaults applied),
+        under the version it serves. A copy: the client's cached record is shared with triggers."""
         from conveyor.sdk.client import get_client
 
         record = get_client().task_record(task)
-        if self.options.version:
-            record.version = self.options.version
-        return record
+        return replace(record, version=self.options.version) if self.options.version else record
 
     # --- the loop -------------------------------------------------------------------------------
     async def _main_loop(self) -> None:

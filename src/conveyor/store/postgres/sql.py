@@ -284,14 +284,6 @@ SELECT * FROM claimed
 """
 )
 
-ATTEMPT_START = """
-INSERT INTO conveyor.attempts (run_id, number, worker_id, lease_token, status, started_at)
-VALUES (%(run_id)s, %(number)s, %(worker_id)s, %(token)s, 'EXECUTING', %(now)s)
-ON CONFLICT (run_id, number) DO UPDATE SET worker_id = excluded.worker_id,
-    lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL,
-    started_at = excluded.started_at, finished_at = NULL
-"""
-
 # --- settle -------------------------------------------------------------------------------------
 
 _SEGMENT = "executed_seconds = executed_seconds + greatest(0, %(now)s - coalesce(segment_started_at, %(now)s))"
