@@ -50,6 +50,7 @@ if PG_URL and "schema=" not in PG_URL:
     PG_URL += ("&" if "?" in PG_URL else "?") + "schema=conveyor_bench"
 SYNCHRONOUS = os.environ.get("CONVEYOR_SQLITE_SYNCHRONOUS", "normal").lower()
 CONCURRENCY = int(os.environ.get("CONVEYOR_BENCH_CONCURRENCY", "100"))
+WORKERS = int(os.environ.get("CONVEYOR_BENCH_WORKERS", "2"))  # the harness's workloads use 2
 MODULES = os.environ.get("CONVEYOR_BENCH_MODULES", "bench_tasks")  # profiling adds ",bench_trace"
 RESULTS_DIR = os.environ.get("BENCH_RESULTS", os.path.join(BENCH_DIR, "results"))
 BULK = 1000
@@ -103,6 +104,8 @@ class A:
         self.db: Any = None  # sqlite3 or psycopg connection, beside the store's own
         self._w2_open = False
         self._w2_stats: dict[str, float] = {}
+        if os.environ.get("CONVEYOR_BENCH_W1_SINGLE_ONLY"):  # the harness skips a falsy w1_bulk
+            self.w1_bulk = None  # type: ignore[method-assign,assignment]
 
     # --- harness interface --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -197,12 +200,16 @@ class A:
             "--concurrency",
             str(CONCURRENCY),
         ]
-        return [cmd, list(cmd)]
+        return [list(cmd) for _ in range(WORKERS)]
 
     @property
     def worker_env(self) -> dict[str, str]:
         path = os.pathsep.join(p for p in (BENCH_DIR, common.HERE, os.environ.get("PYTHONPATH", "")) if p)
-        return {"PYTHONPATH": path}
+        env = {"PYTHONPATH": path}
+        # Experiments: libpq options for the workers' sessions only (e.g. "-c synchronous_commit=off").
+        if os.environ.get("CONVEYOR_BENCH_WORKER_PGOPTIONS"):
+            env["PGOPTIONS"] = os.environ["CONVEYOR_BENCH_WORKER_PGOPTIONS"]
+        return env
 
     def lat_enqueue(self) -> None:
         self.tasks.lat.trigger(None)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -22,10 +23,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
 from conveyor.core.errors import ConfigError, SchemaMismatch, StoreBusy, StoreError, StoreReadOnly
-from conveyor.store.base import Listener, Store
+from conveyor.store.base import Store
 from conveyor.store.postgres import migrate
 from conveyor.store.postgres import sql as q
-from conveyor.store.postgres.listen import PostgresListener
+from conveyor.store.postgres.listen import PostgresListener, pick_notify, queue_channel, run_locks
 from conveyor.store.postgres.tx import PostgresTx
 
 _BEGIN = "BEGIN"
@@ -84,6 +85,37 @@ def translated(location: str) -> Iterator[None]:
         raise
     except psycopg.Error as exc:
         raise translate(exc, location) from exc
+
+
+@dataclass
+class _QueueWake:
+    runs: int
+    machine: str
+    version: str | None
+
+
+@dataclass
+class _Pending:
+    """What a transaction of `PostgresStore.transaction()` leaves for its COMMIT (see _Tx)."""
+
+    queue_wakes: dict[tuple[str, str], _QueueWake] = field(default_factory=dict)
+
+
+class _Tx(PostgresTx):
+    """The Tx of `PostgresStore.transaction()`: it can also wake the workers of one queue."""
+
+    pending: _Pending
+
+    def wake_queue(self, environment: str, queue: str, runs: int, machine: str, version: str | None) -> bool:
+        """When this transaction commits, wake for `runs` new runs in `queue`: one run wakes one
+        idle worker that can take it (else every worker of the queue), more wake every worker of
+        the queue. One NOTIFY per queue (PostgresStore._commit, listen.py)."""
+        wake = self.pending.queue_wakes.get((environment, queue))
+        if wake is None:
+            self.pending.queue_wakes[(environment, queue)] = _QueueWake(runs, machine, version)
+        else:
+            wake.runs += runs
+        return True
 
 
 class PostgresStore(Store):
@@ -187,11 +219,13 @@ class PostgresStore(Store):
                 self.pool.putconn(conn)
 
     @contextmanager
-    def _session(self, begin: str, notifies: list[tuple[str, str]] | None = None) -> Iterator[psycopg.Connection]:
+    def _session(
+        self, begin: str, notifies: list[tuple[str, str]] | None = None, pending: _Pending | None = None
+    ) -> Iterator[psycopg.Connection]:
         """A pooled connection inside BEGIN ... COMMIT (ROLLBACK on error). A connection that
         died while idle in the pool (a server restart) is replaced before anything was done.
         `notifies`: (channel, payload) pairs the transaction asked for (PostgresTx.wake), sent
-        just before the COMMIT."""
+        just before the COMMIT with what `pending` holds (_Tx)."""
         with translated(self.location):
             for attempt in range(3):
                 conn = self._getconn()
@@ -211,23 +245,36 @@ class PostgresStore(Store):
                         with suppress(psycopg.Error):
                             conn.execute("ROLLBACK")
                     raise
-                self._commit(conn, notifies)
+                self._commit(conn, notifies, pending)
             finally:
                 self.pool.putconn(conn)
 
-    @staticmethod
-    def _commit(conn: psycopg.Connection, notifies: list[tuple[str, str]] | None) -> None:
+    def _commit(
+        self, conn: psycopg.Connection, notifies: list[tuple[str, str]] | None, pending: _Pending | None
+    ) -> None:
         """COMMIT, with the transaction's NOTIFYs in the same round trip (pipeline mode): a
         trigger is then BEGIN, INSERT, NOTIFY + COMMIT, not four round trips (W3 latency). A
         notification is delivered at commit wherever it was issued in the transaction, so
-        sending it last changes only the latency."""
-        if not notifies:
+        sending it last changes only the latency. A queue with one new run gets `pick_notify`
+        (one idle worker that can take it, chosen and pinned in that statement; listen.py)."""
+        statements: list[tuple[str, dict[str, Any]]] = [
+            (q.NOTIFY, {"channel": channel, "payload": payload}) for channel, payload in notifies or ()
+        ]
+        for (environment, queue), wake in (pending.queue_wakes if pending is not None else {}).items():
+            channel = queue_channel(self.schema, environment, queue)
+            if wake.runs == 1:
+                locks = run_locks(conn.info.dbname, self.schema, environment, queue, wake.machine, wake.version)
+                pick, values = pick_notify(locks)
+                statements.append((pick, {**values, "channel": channel, "payload": "w"}))
+            else:
+                statements.append((q.NOTIFY, {"channel": channel, "payload": "w"}))
+        if not statements:
             conn.execute("COMMIT")
             return
         try:
             with conn.pipeline():
-                for channel, payload in notifies:
-                    conn.execute(q.NOTIFY, {"channel": channel, "payload": payload})
+                for statement, params in statements:
+                    conn.execute(statement, params)
                 conn.execute("COMMIT")
         except BaseException:
             # A failed NOTIFY skips the COMMIT: leave no transaction open on the pooled connection.
@@ -239,8 +286,11 @@ class PostgresStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[PostgresTx]:
         notifies: list[tuple[str, str]] = []
-        with self._session(_BEGIN, notifies) as conn:
-            yield PostgresTx(conn, self, self._now_param(), notifies)
+        pending = _Pending()
+        with self._session(_BEGIN, notifies, pending) as conn:
+            tx = _Tx(conn, self, self._now_param(), notifies)
+            tx.pending = pending
+            yield tx
 
     @contextmanager
     def read(self) -> Iterator[PostgresTx]:
@@ -249,22 +299,59 @@ class PostgresStore(Store):
 
     @contextmanager
     def transaction_on(self, connection: object) -> Iterator[PostgresTx]:
-        """A Tx in the caller's open transaction on a psycopg connection to this database."""
+        """A Tx in the caller's open transaction on a connection to this database: a psycopg (3)
+        Connection, or a SQLAlchemy 2 `Connection` or `Session` (sync) on the `postgresql+psycopg`
+        dialect, unwrapped to the psycopg connection underneath. SQLAlchemy is recognised by the
+        module of the object's classes, never imported. A SQLAlchemy transaction that has not
+        begun yet is begun here (as SQLAlchemy's own autobegin would); the caller commits it."""
+
+        def dbapi_of(obj: Any) -> tuple[object, str]:
+            """-> (the DBAPI connection, what was passed, for errors)."""
+            kinds = {c.__name__ for c in type(obj).__mro__ if c.__module__.split(".")[0] == "sqlalchemy"}
+            if not kinds:
+                package = type(obj).__module__.split(".")[0]
+                return obj, type(obj).__qualname__ if package == "builtins" else f"{package}.{type(obj).__qualname__}"
+            if "PoolProxiedConnection" in kinds:  # engine.raw_connection(): a DBAPI connection
+                return obj.driver_connection, "a SQLAlchemy raw connection"
+            if kinds & {"Session", "scoped_session"}:
+                what = "a SQLAlchemy Session"
+            elif "Connection" in kinds:
+                what = "a SQLAlchemy Connection"
+            else:
+                raise ConfigError(
+                    f"connection= takes a SQLAlchemy Connection or Session (sync, inside its transaction), "
+                    f"got SQLAlchemy {type(obj).__name__}"
+                )
+            try:
+                if what.endswith("Session"):
+                    obj = obj.connection()  # the session's connection, its transaction begun
+                elif not obj.in_transaction():
+                    obj.begin()
+                what += f" ({obj.dialect.name}+{obj.dialect.driver})"
+                return obj.connection.driver_connection, what
+            except ConfigError:
+                raise
+            except Exception as exc:  # closed, invalidated, needs a rollback, unbound, ...
+                raise ConfigError(f"connection= got {what} that cannot be used: {exc}") from exc
+
+        connection, what = dbapi_of(connection)
         if not isinstance(connection, psycopg.Connection):
             raise ConfigError(
-                f"connection= takes a psycopg (3) Connection to {self.location}, got {type(connection).__name__}"
+                f"connection= takes a psycopg (3) Connection, or a SQLAlchemy Connection or Session on the "
+                f"postgresql+psycopg dialect, to {self.location}; got {what}"
             )
         status = connection.info.transaction_status
         if status == TransactionStatus.INERROR:
-            raise ConfigError("connection= is in a failed transaction: roll it back first")
+            raise ConfigError(f"connection= ({what}) is in a failed transaction: roll it back first")
         if connection.autocommit and status != TransactionStatus.INTRANS:
             raise ConfigError(
-                "connection= needs an open transaction (autocommit off, or inside `with conn.transaction():`), "
-                "or the run would be committed on its own"
+                f"connection= ({what}) needs an open transaction (psycopg: autocommit off, or inside "
+                "`with conn.transaction():`; SQLAlchemy: not the AUTOCOMMIT isolation level), or the run "
+                "would be committed on its own"
             )
         ours = conninfo_to_dict(self.conninfo).get("dbname")
         if ours and connection.info.dbname != ours:
-            raise ConfigError(f"connection= is to database {connection.info.dbname!r}, not to {self.location}")
+            raise ConfigError(f"connection= ({what}) is to database {connection.info.dbname!r}, not to {self.location}")
         with translated(self.location):
             yield PostgresTx(connection, self, self._now_param())
 
@@ -283,11 +370,28 @@ class PostgresStore(Store):
             return int(row[0]) if row else 0
 
     # --- wake-ups -------------------------------------------------------------------------------
-    def listen(self, environment: str, worker_id: str, deliver: Callable[[bytes | None], None]) -> Listener:
+    def listen(
+        self,
+        environment: str,
+        worker_id: str,
+        deliver: Callable[[bytes | None], None],
+        queues: Sequence[str] | None = None,
+    ) -> PostgresListener:
+        """The worker's LISTEN session (listen.py): the environment's channel, the worker's own,
+        and the channels of `queues` (None: every queue of the environment, until the worker
+        says which it serves, `PostgresListener.serve`)."""
         channels = [q.environment_channel(self.schema, environment), q.worker_channel(self.schema, worker_id)]
         with translated(self.location):
             listener = PostgresListener(
-                self.conninfo, channels, deliver, self.connect_timeout, self._forget, self.application_name
+                self.conninfo,
+                channels,
+                deliver,
+                self.connect_timeout,
+                self._forget,
+                self.application_name,
+                schema=self.schema,
+                environment=environment,
+                queues=queues,
             )
         with self._lock:
             self._listeners.add(listener)
