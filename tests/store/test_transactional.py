@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conveyor.core.errors import ConfigError
+from conveyor.core.errors import ConfigError, RunNotFound
 from conveyor.core.records import QueueSpec, RunFilter, TaskRecord
 from conveyor.engine import Engine, TriggerOptions
 from conveyor.engine.notify import WORK
@@ -139,3 +139,157 @@ def test_postgres_wakes_workers_at_the_callers_commit_only(pg_store, postgres_ur
             assert got.get(timeout=10) == WORK
     finally:
         listener.close()
+
+
+# --- SQLAlchemy 2: a Connection or Session is unwrapped to the DBAPI connection underneath --------
+
+
+@pytest.fixture
+def sa_engine(request, store):
+    """A SQLAlchemy engine on the store's database: `postgresql+psycopg` or `sqlite` (same file)."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    if isinstance(store, PostgresStore):
+        url = "postgresql+psycopg://" + request.getfixturevalue("postgres_url").split("://", 1)[1]
+    else:
+        url = f"sqlite:///{store.path}"
+    engine = sqlalchemy.create_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def orders_table(store) -> str:
+    return f'"{store.schema}".orders' if isinstance(store, PostgresStore) else "orders"
+
+
+def test_sqlalchemy_connection_runs_exist_iff_its_transaction_commits(store, caller, sa_engine):
+    from sqlalchemy import text
+
+    engine = Engine(store)
+    task = register(engine)
+    caller()  # creates the caller's table
+    table = orders_table(store)
+    committed, dropped = [], []
+    for i in range(6):
+        run = engine.prepare(task, f'{{"order": {i}}}', TriggerOptions(tags=["sa"]))
+        if i % 2 == 0:
+            with sa_engine.begin() as conn:  # commits at the end of the block
+                run_id = engine.insert([run], connection=conn)[0][0]
+                conn.execute(
+                    text(f"INSERT INTO {table} (id, run_id) VALUES (:id, :run_id)"), {"id": i, "run_id": run_id}
+                )
+            committed.append(run_id)
+        else:
+            with sa_engine.connect() as conn:  # a transaction SQLAlchemy has not begun yet: begun for the run
+                run_id = engine.insert([run], connection=conn)[0][0]
+                conn.execute(
+                    text(f"INSERT INTO {table} (id, run_id) VALUES (:id, :run_id)"), {"id": i, "run_id": run_id}
+                )
+                conn.rollback()
+            dropped.append(run_id)
+    with sa_engine.connect() as conn:  # commit-as-you-go: the run is written first, then committed
+        run_id = engine.insert([engine.prepare(task, "{}", TriggerOptions(tags=["sa"]))], connection=conn)[0][0]
+        assert conn.in_transaction()
+        conn.commit()
+        committed.append(run_id)
+    runs = engine.list_runs(RunFilter(limit=100))
+    assert sorted(r.id for r in runs) == sorted(committed)
+    assert all(r.status.value == "QUEUED" and r.tags == ["sa"] for r in runs)
+    with sa_engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT run_id FROM {table} ORDER BY id")).all()
+    assert [r[0] for r in rows] == committed[:3]
+
+
+def test_sqlalchemy_rollback_leaves_nothing_and_frees_the_key(store, caller, sa_engine):
+    engine = Engine(store)
+    task = register(engine)
+    with sa_engine.connect() as conn:
+        with conn.begin() as transaction:
+            first = engine.insert([engine.prepare(task, "{}", TriggerOptions(idempotency_key="k"))], connection=conn)
+            transaction.rollback()
+        assert not conn.in_transaction()
+    assert engine.list_runs(RunFilter()) == []
+    with pytest.raises(RunNotFound):
+        engine.retrieve(first[0][0])
+    second, created = engine.insert([engine.prepare(task, "{}", TriggerOptions(idempotency_key="k"))])[0]
+    assert created and second != first[0][0]
+
+
+def test_sqlalchemy_session(store, caller, sa_engine, clock):
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session, sessionmaker
+
+    caller()
+    table = orders_table(store)
+    client_module.configure(store=store, clock=clock)
+    try:
+
+        @task_decorator(id="sa-receipt")
+        def receipt(payload: dict) -> None: ...
+
+        with Session(sa_engine) as session:  # the run first: triggering begins the session's transaction
+            kept = receipt.trigger({"n": 1}, connection=session)
+            session.execute(text(f"INSERT INTO {table} (id, run_id) VALUES (1, :run_id)"), {"run_id": kept.id})
+            session.commit()
+        with Session(sa_engine) as session:
+            session.execute(text(f"INSERT INTO {table} (id, run_id) VALUES (2, 'x')"))
+            [dropped] = receipt.batch_trigger([{"n": 2}], connection=session)
+            session.rollback()
+        with sessionmaker(sa_engine).begin() as session:  # commits at the end of the block
+            [batched] = receipt.batch_trigger([{"n": 3}], connection=session)
+        engine = client_module.get_client().engine
+        assert {r.id for r in engine.list_runs(RunFilter())} == {kept.id, batched.id}
+        with pytest.raises(RunNotFound):
+            engine.retrieve(dropped.id)
+        with Session(sa_engine) as session:
+            assert session.execute(text(f"SELECT id, run_id FROM {table}")).all() == [(1, kept.id)]
+    finally:
+        client_module.set_client(None)
+
+
+def test_sqlalchemy_objects_that_cannot_hold_the_run_are_refused(store, sa_engine, tmp_path, postgres_url):
+    import sqlalchemy
+    from sqlalchemy.orm import Session
+
+    engine = Engine(store)
+    task = register(engine)
+    run = engine.prepare(task, "{}", TriggerOptions())
+    with pytest.raises(
+        ConfigError, match="connection= takes a SQLAlchemy Connection or Session.*got SQLAlchemy Engine"
+    ):
+        engine.insert([run], connection=sa_engine)
+    with pytest.raises(ConfigError, match="connection= takes a.*got builtins|connection= takes a.*got object"):
+        engine.insert([run], connection=object())
+    closed = sa_engine.connect()
+    closed.close()
+    with pytest.raises(ConfigError, match="got a SQLAlchemy Connection that cannot be used"):
+        engine.insert([run], connection=closed)
+    with sa_engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with pytest.raises(ConfigError, match=r"\(a SQLAlchemy Connection .*\) needs an open transaction"):
+            engine.insert([run], connection=conn)
+    if isinstance(store, PostgresStore):
+        others = [
+            (
+                f"sqlite:///{tmp_path / 'other.db'}",
+                r"takes a psycopg \(3\) Connection.*got a SQLAlchemy Connection \(sqlite",
+            ),
+            (
+                "postgresql+psycopg://" + postgres_url.split("://", 1)[1].rsplit("/", 1)[0] + "/postgres",
+                r"\(a SQLAlchemy Connection \(postgresql\+psycopg\)\) is to database 'postgres'",
+            ),
+        ]
+    else:
+        others = [(f"sqlite:///{tmp_path / 'other.db'}", r"\(a SQLAlchemy Connection \(sqlite\+pysqlite\)\) is to ")]
+    for url, message in others:
+        other = sqlalchemy.create_engine(url)
+        try:
+            with other.connect() as conn, pytest.raises(ConfigError, match=message):
+                engine.insert([run], connection=conn)
+            with (
+                Session(other) as session,
+                pytest.raises(ConfigError, match=message.replace("SQLAlchemy Connection", "SQLAlchemy Session")),
+            ):
+                engine.insert([run], connection=session)
+        finally:
+            other.dispose()
+    assert engine.list_runs(RunFilter()) == []

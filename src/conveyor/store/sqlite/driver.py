@@ -90,20 +90,60 @@ class SQLiteStore(Store):
 
     @contextmanager
     def transaction_on(self, connection: object) -> Iterator[SQLiteTx]:
-        """A Tx in the caller's transaction on a sqlite3 connection to this file: the caller
-        commits (the sqlite3 module opens the transaction at the first write, unless the
-        connection is in autocommit mode, where the caller must have run BEGIN)."""
+        """A Tx in the caller's transaction on a connection to this file: a sqlite3 Connection, or a
+        SQLAlchemy 2 `Connection` or `Session` (sync, `sqlite` dialect) unwrapped to the sqlite3
+        connection underneath (SQLAlchemy is recognised by its classes' module, never imported).
+        The caller commits (the sqlite3 module opens the transaction at the first write, unless
+        the connection is in autocommit mode, where the caller must have run BEGIN)."""
+        from typing import Any
+
+        def dbapi_of(obj: Any) -> tuple[object, str]:
+            """-> (the DBAPI connection, what was passed, for errors)."""
+            kinds = {c.__name__ for c in type(obj).__mro__ if c.__module__.split(".")[0] == "sqlalchemy"}
+            if not kinds:
+                package = type(obj).__module__.split(".")[0]
+                return obj, type(obj).__qualname__ if package == "builtins" else f"{package}.{type(obj).__qualname__}"
+            if "PoolProxiedConnection" in kinds:  # engine.raw_connection(): a DBAPI connection
+                return obj.driver_connection, "a SQLAlchemy raw connection"
+            if kinds & {"Session", "scoped_session"}:
+                what = "a SQLAlchemy Session"
+            elif "Connection" in kinds:
+                what = "a SQLAlchemy Connection"
+            else:
+                raise ConfigError(
+                    f"connection= takes a SQLAlchemy Connection or Session (sync, inside its transaction), "
+                    f"got SQLAlchemy {type(obj).__name__}"
+                )
+            try:
+                if what.endswith("Session"):
+                    obj = obj.connection()  # the session's connection, its transaction begun
+                elif not obj.in_transaction():
+                    obj.begin()
+                what += f" ({obj.dialect.name}+{obj.dialect.driver})"
+                return obj.connection.driver_connection, what
+            except ConfigError:
+                raise
+            except Exception as exc:  # closed, invalidated, needs a rollback, unbound, ...
+                raise ConfigError(f"connection= got {what} that cannot be used: {exc}") from exc
+
+        connection, what = dbapi_of(connection)
         if not isinstance(connection, sqlite3.Connection):
-            raise ConfigError(f"connection= takes a sqlite3.Connection to {self.path}, got {type(connection).__name__}")
+            raise ConfigError(
+                f"connection= takes a sqlite3.Connection, or a SQLAlchemy Connection or Session on the sqlite "
+                f"dialect, to {self.path}; got {what}"
+            )
         with translated(self.path, self.busy_timeout):
             files = [row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"]
         if not files or os.path.realpath(files[0]) != os.path.realpath(self.path):
-            raise ConfigError(f"connection= is to {files[0] if files else 'another database'}, not to {self.path}")
+            raise ConfigError(
+                f"connection= ({what}) is to {files[0] if files else 'another database'}, not to {self.path}"
+            )
         autocommit = getattr(connection, "autocommit", None) is True or connection.isolation_level is None
         if autocommit and not connection.in_transaction:
             raise ConfigError(
-                "connection= needs an open transaction (run BEGIN first, or leave the sqlite3 module's "
-                "transaction handling on), or the run would be committed on its own"
+                f"connection= ({what}) needs an open transaction (run BEGIN first, or leave the sqlite3 module's "
+                "transaction handling on; SQLAlchemy: not the AUTOCOMMIT isolation level), or the run would be "
+                "committed on its own"
             )
         with translated(self.path, self.busy_timeout):
             yield SQLiteTx(connection, self.clock.now())
