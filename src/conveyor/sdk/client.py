@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,8 @@ from conveyor.core.errors import ConfigError
 from conveyor.core.records import Attempt, LogLine, QueueInfo, Run, RunEvent, RunFilter, StepRecord, TaskRecord
 from conveyor.engine import Engine, Limits, TriggerOptions
 from conveyor.sdk import config as config_module
-from conveyor.sdk import context
+from conveyor.sdk import context, realtime
+from conveyor.sdk.realtime import RunUpdate
 from conveyor.sdk.registry import REGISTRY
 from conveyor.sdk.serde import to_json
 from conveyor.sdk.task import RunHandle, Task
@@ -175,6 +177,20 @@ class Runs:
 
     def wait(self, run_id: str, timeout: float | None = None) -> Run:
         return self._client.engine.wait(run_id, timeout)
+
+    def subscribe(self, run_id: str, after: int = 0, *, poll: float = realtime.POLL) -> AsyncIterator[RunUpdate]:
+        """`async for update in conveyor.runs.subscribe(run_id)`: the run's status changes,
+        metadata operations and stream chunks after seq `after`, stored ones first, then live;
+        ends after the update that finishes the run. `poll`: seconds between change checks."""
+        return realtime.subscribe(self._client.engine, run_id, after, poll=poll)
+
+    def subscribe_tag(
+        self, tag: str, after: float | datetime | None = None, *, poll: float = realtime.POLL
+    ) -> AsyncIterator[RunUpdate]:
+        """`async for update in conveyor.runs.subscribe_tag("user:42")`: the updates of every
+        run with the tag, runs created later included; never ends. `after` (a time): runs
+        created since then are delivered from their first update (None: from now on)."""
+        return realtime.subscribe_tag(self._client.engine, tag, after, poll=poll)
 
 
 class Queues:
