@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import conveyor
 from conveyor import task
 
@@ -15,3 +18,10 @@ async def ten_steps(payload: dict) -> int:
     for i in range(payload["steps"]):
         await conveyor.step("noop", noop, i)
     return payload["steps"]
+
+
+@task("sleeper")
+async def sleeper(payload: dict) -> dict:
+    """Suspends until `until` (epoch seconds); reports when its resumed code got control back."""
+    await conveyor.wait.until(datetime.fromtimestamp(payload["until"], UTC))
+    return {"resumed_at": time.time()}

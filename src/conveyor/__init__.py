@@ -17,11 +17,13 @@ from conveyor.core.errors import (
     InvalidTransition,
     NonDeterministic,
     PayloadTooLarge,
+    RunFailed,
     RunNotFound,
     SchemaMismatch,
     StoreBusy,
     StoreError,
     StoreReadOnly,
+    TokenNotFound,
     UnknownQueue,
     UnknownTask,
     WaitTimeout,
@@ -32,8 +34,12 @@ from conveyor.sdk.client import configure, get_client
 from conveyor.sdk.context import Context, metadata
 from conveyor.sdk.keys import idempotency_key
 from conveyor.sdk.logs import logger
+from conveyor.sdk.realtime import RunUpdate
+from conveyor.sdk.retry import retry
 from conveyor.sdk.steps import step, step_sync
+from conveyor.sdk.streams import streams
 from conveyor.sdk.task import BatchItem, Concurrency, Queue, RetryDecision, RunHandle, Task, task
+from conveyor.sdk.waits import Result, Token, wait
 
 __version__ = "0.1.0"
 
@@ -77,17 +83,22 @@ __all__ = [
     "NonDeterministic",
     "PayloadTooLarge",
     "Queue",
+    "Result",
     "Retry",
     "RetryDecision",
     "Run",
+    "RunFailed",
     "RunHandle",
     "RunNotFound",
     "RunStatus",
+    "RunUpdate",
     "SchemaMismatch",
     "StoreBusy",
     "StoreError",
     "StoreReadOnly",
     "Task",
+    "Token",
+    "TokenNotFound",
     "UnknownQueue",
     "UnknownTask",
     "WaitTimeout",
@@ -96,10 +107,13 @@ __all__ = [
     "logger",
     "metadata",
     "queues",
+    "retry",
     "runs",
     "step",
     "step_sync",
+    "streams",
     "task",
     "trigger",
     "trigger_async",
+    "wait",
 ]

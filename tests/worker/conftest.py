@@ -13,8 +13,14 @@ from conveyor.worker.worker import Worker, WorkerOptions
 
 
 @pytest.fixture
-def live_client(tmp_path):
-    made = client_module.configure(database_url=f"sqlite:///{tmp_path / 'worker.db'}")
+def store_url(tmp_path):
+    """The store the worker and the test share (a module may override it, e.g. with both drivers)."""
+    return f"sqlite:///{tmp_path / 'worker.db'}"
+
+
+@pytest.fixture
+def live_client(store_url):
+    made = client_module.configure(database_url=store_url)
     yield made
     client_module.set_client(None)
     made.close()

@@ -191,3 +191,106 @@ def steps_sync(payload, ctx):
     if ctx.attempt.number < 2:
         raise RuntimeError("fail once after the steps")
     return values
+
+
+# --- durable waits -------------------------------------------------------------------------------
+WAIT_SIDE_EFFECTS: list[str] = []
+
+
+@task("wait-then-finish", on_start=_hook("on_start"))
+async def wait_then_finish(payload, ctx):
+    before = await conveyor.step("before", lambda: WAIT_SIDE_EFFECTS.append("before") or "b")
+    await conveyor.wait.for_(seconds=payload.get("seconds", 1.2))
+    after = await conveyor.step("after", lambda: WAIT_SIDE_EFFECTS.append("after") or "a")
+    return {"before": before, "after": after, "attempt": ctx.attempt.number}
+
+
+@task("child-double")
+async def child_double(payload):
+    if payload.get("fail"):
+        raise AbortRun("child says no")
+    if payload.get("sleep"):
+        await asyncio.sleep(payload["sleep"])
+    return payload["x"] * 2
+
+
+@task("parent-of-children")
+async def parent_of_children(payload):
+    one = await child_double.trigger_and_wait({"x": payload["x"]})
+    many = await child_double.batch_trigger_and_wait([{"x": i} for i in range(payload.get("n", 3))])
+    failed = await child_double.trigger_and_wait({"x": 0, "fail": True})
+    return {
+        "one": one.unwrap(),
+        "many": [r.output for r in many],
+        "failed": {"ok": failed.ok, "code": failed.error["code"] if failed.error else None},
+    }
+
+
+@task("sync-waiter")
+def sync_waiter(payload):
+    result = child_double.trigger_and_wait({"x": payload["x"]})
+    conveyor.wait.for_(seconds=1.1)
+    return result.unwrap()
+
+
+@task("token-waiter")
+async def token_waiter(payload):
+    token = await conveyor.wait.create_token(timeout=payload.get("timeout", 60), tags=["approval"])
+    conveyor.metadata.set("token", token.id)
+    result = await conveyor.wait.for_token(token)
+    return {"ok": result.ok, "output": result.output, "error": (result.error or {}).get("code")}
+
+
+@task("mixed-child", on_cancel=_hook("on_cancel"))
+async def mixed_child(payload):
+    if payload == "token":  # waits (WAITING) for a token nobody completes
+        await conveyor.wait.for_token(await conveyor.wait.create_token())
+    else:  # executes for a long time
+        await asyncio.sleep(60)
+    EVENTS.append(("child-went-on", payload))
+
+
+@task("parent-of-mixed", on_cancel=_hook("on_cancel"))
+async def parent_of_mixed(payload):
+    await mixed_child.batch_trigger_and_wait(["token", "token", "token", "sleep"])
+    EVENTS.append(("parent-went-on", None))
+
+
+@task("reports-to-parent")
+async def reports_to_parent(payload):
+    conveyor.metadata.parent.increment("done", 1)
+    conveyor.metadata.root.append("seen", payload)
+    return payload
+
+
+@task("collects-reports")
+async def collects_reports(payload):
+    await reports_to_parent.batch_trigger_and_wait([1, 2, 3])
+    return "ok"
+
+
+@task("triggers-then-fails", retry=Retry(max_attempts=2, min_delay=0.01, max_delay=0.01, randomize=False))
+async def triggers_then_fails(payload, ctx):
+    handle = child_double.trigger({"x": 1})
+    if ctx.attempt.number == 1:
+        raise RuntimeError("fail after triggering")
+    return handle.id
+
+
+@task("diverging-waits", retry=Retry(max_attempts=2, min_delay=0.01, max_delay=0.01, randomize=False))
+async def diverging_waits(payload, ctx):
+    if ctx.attempt.number == 1:
+        await conveyor.wait.for_(seconds=1.05)
+        raise RuntimeError("retry me")
+    await conveyor.step("not-a-wait", lambda: 1)
+
+
+@task("times-out-waiting")
+async def times_out_waiting(payload):
+    token = await conveyor.wait.create_token(timeout=1.05)
+    result = await conveyor.wait.for_token(token)
+    try:
+        result.unwrap()
+    except conveyor.WaitTimeout as exc:
+        return {"ok": result.ok, "code": result.error["code"], "raised": type(exc).__name__}
+    return "completed?"

@@ -31,6 +31,21 @@ class RunNotFound(ConveyorError, LookupError):
     code = "RUN_NOT_FOUND"
 
 
+class TokenNotFound(ConveyorError, LookupError):
+    code = "TOKEN_NOT_FOUND"
+
+
+class RunFailed(ConveyorError):
+    """`Result.unwrap()` of a child run that did not complete."""
+
+    code = "RUN_FAILED"
+
+    def __init__(self, message: str, run_id: str | None = None, error: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.error = error
+
+
 class InvalidTransition(ConveyorError):
     """The run is not in a status the requested change can start from."""
 

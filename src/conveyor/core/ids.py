@@ -17,8 +17,11 @@ _RAND_MAX = (1 << 64) - 1
 
 
 def new_id(prefix: str, now_ms: int | None = None) -> str:
+    """`now_ms`: an id for that time, outside the monotonic sequence (which it must not move)."""
     global _last_ms, _last_rand
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if now_ms is not None:
+        return f"{prefix}_{now_ms:012x}{int.from_bytes(os.urandom(8), 'big') >> 1:016x}"
+    ms = int(time.time() * 1000)
     with _lock:
         if ms <= _last_ms and _last_rand < _RAND_MAX:
             ms = _last_ms

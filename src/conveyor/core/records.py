@@ -146,6 +146,7 @@ class ClaimedRun:
     created_at: float
     started_at: float  # the run's first start
     claimed_at: float = 0.0  # when this claim started the code (this attempt, or its resume)
+    segment: int = 1  # execution segments of this attempt so far: > 1 after a resume from WAITING
 
 
 class OutcomeKind:
@@ -153,6 +154,7 @@ class OutcomeKind:
     RETRY = "retry"  # failed, attempts left: back to QUEUED at retry_at
     FAILED = "failed"  # final failure with `status` (FAILED, TIMED_OUT, CANCELED, CRASHED, ...)
     RELEASED = "released"  # graceful hand-back: QUEUED, costs no attempt
+    SUSPENDED = "suspended"  # waiting without a worker: WAITING until its waitpoints complete
 
 
 @dataclass(slots=True)
@@ -166,6 +168,15 @@ class Outcome:
     error: dict[str, Any] | None = None
     retry_at: float | None = None
     status: RunStatus = RunStatus.FAILED  # final status for kind FAILED
+    waits: list[WaitRequest] = field(default_factory=list)  # kind SUSPENDED: what to create first
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        """The inverse of `dataclasses.asdict` (an outcome crossing a pipe as plain data)."""
+        fields_ = dict(data)
+        fields_["status"] = RunStatus(fields_["status"])
+        fields_["waits"] = [WaitRequest.from_dict(w) for w in fields_.get("waits") or []]
+        return cls(**fields_)
 
 
 @dataclass(slots=True)
@@ -192,6 +203,66 @@ class StepRecord:
     started_at: float
     finished_at: float
     lease_token: str = ""  # set on writes: refused unless the run's lease still matches
+
+
+@dataclass(slots=True)
+class NewWaitpoint:
+    """Something a run can wait for without holding a worker (see WaitRequest)."""
+
+    id: str
+    kind: str  # time | token | run
+    complete_at: float | None = None  # time: when due; token: its timeout
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WaitRequest:
+    """One durable wait call, applied in one transaction fenced by the run's lease: the journal
+    row `step` (what a replay reads), the waitpoints to create, the child runs to insert (the
+    waitpoint of kind "run" at the same index targets `runs[i]`), and the waitpoints the run
+    now waits for (`wait_on`, linked to the run; empty for `create_token`)."""
+
+    step: StepRecord
+    create: list[NewWaitpoint] = field(default_factory=list)
+    runs: list[NewRun] = field(default_factory=list)
+    wait_on: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WaitRequest:
+        runs = []
+        for r in data.get("runs") or []:
+            run = dict(r)
+            run["status"] = RunStatus(run["status"])
+            runs.append(NewRun(**run))
+        return cls(
+            step=StepRecord(**data["step"]),
+            create=[NewWaitpoint(**w) for w in data.get("create") or []],
+            runs=runs,
+            wait_on=list(data.get("wait_on") or []),
+        )
+
+
+@dataclass(slots=True)
+class WaitState:
+    """A waitpoint as a replaying run sees it. `output` is the decoded result when completed."""
+
+    id: str
+    kind: str
+    status: str  # PENDING | COMPLETED
+    output: Any = None
+    target_run_id: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "COMPLETED"
+
+
+@dataclass(slots=True)
+class Journal:
+    """What a replay needs: the completed steps by call order and the state of the waits."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    waits: dict[str, WaitState] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -251,6 +322,7 @@ class HeartbeatResult:
 @dataclass(slots=True)
 class MaintenanceResult:
     promoted: int = 0
+    resumed: int = 0  # WAITING runs whose waits ended (time due, token timed out)
     expired: int = 0
     recovered: int = 0
     became_due: int = 0  # QUEUED runs whose retry time passed since the last call
@@ -290,3 +362,17 @@ class RunFilter:
     parent_id: str | None = None
     limit: int = 50
     cursor: str | None = None  # the last id of the previous page (lists run newest first)
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One chunk of a run's stream (`conveyor.streams.pipe`), appended to the run's event log
+    as an event of kind "stream" with data {"key": key, "chunk": <data>}; refused unless the
+    run's lease still matches. `data` is JSON text; `ts` is when the code produced it."""
+
+    run_id: str
+    lease_token: str
+    attempt: int
+    key: str
+    data: str
+    ts: float

@@ -18,19 +18,23 @@ from conveyor.core.errors import (
     InvalidOptions,
     InvalidTransition,
     RunNotFound,
+    TokenNotFound,
     UnknownQueue,
     UnknownTask,
 )
 from conveyor.core.ids import new_id
 from conveyor.core.records import (
     Attempt,
+    CancelResult,
     ClaimedRun,
     ClaimRequest,
     HeartbeatResult,
+    Journal,
     LogLine,
     MaintenanceResult,
     MetadataOp,
     NewRun,
+    NewWaitpoint,
     Outcome,
     OutcomeKind,
     QueueInfo,
@@ -39,7 +43,10 @@ from conveyor.core.records import (
     RunEvent,
     RunFilter,
     StepRecord,
+    StreamChunk,
     TaskRecord,
+    WaitRequest,
+    WaitState,
     WorkerInfo,
 )
 from conveyor.core.status import RunStatus
@@ -171,26 +178,30 @@ class Engine:
         outcomes: Sequence[Outcome],
         logs: Sequence[LogLine],
         claim: ClaimRequest | None,
-        metadata: Sequence[tuple[str, str, list[MetadataOp]]] = (),
+        metadata: Sequence[tuple[str, str | None, list[MetadataOp]]] = (),
         steps: Sequence[StepRecord] = (),
+        chunks: Sequence[StreamChunk] = (),
     ) -> Exchanged:
-        """A worker's hot path in one transaction: log lines, metadata and completed steps, then
-        outcomes (so a run's last writes land before it finishes), then new claims."""
+        """A worker's hot path in one transaction: log lines, metadata, stream chunks and completed
+        steps, then outcomes (so a run's last writes land before it finishes), then new claims.
+        Metadata without a lease token is another run's (metadata.parent / .root): unfenced."""
         with self.store.transaction() as tx:
             if logs:
                 tx.log_append_many(logs)
-            for run_id, lease_token, ops in metadata:
+            # By run id (stable: one run's operations keep their order), so two workers updating
+            # the same parents lock them in the same order.
+            for run_id, lease_token, ops in sorted(metadata, key=lambda m: m[0]):
                 tx.metadata_apply(run_id, ops, lease_token)
+            if chunks:
+                tx.stream_append_many(chunks)
             steps_accepted = tx.step_append_many(steps) if steps else []
             accepted = tx.run_settle_many(self.environment, outcomes) if outcomes else []
+            stops = []
+            for run_id in tx.cancel_pending:  # canceled while suspending: what it waits for too
+                stops += self._stop_wakes(tx, self._cancel_tree(tx, run_id)[1])
             claimed = tx.run_claim(claim) if claim is not None and claim.limit > 0 else []
-            kinds = {o.kind for o, ok in zip(outcomes, accepted, strict=True) if ok}
-            wakes = []
-            if OutcomeKind.RELEASED in kinds:  # work for someone else, now
-                wakes.append(WORK)
-            if OutcomeKind.RETRY in kinds:  # work later: workers re-plan their maintenance timers
-                wakes.append(DELAYED)
-            unsent = self._wake(tx, wakes)
+            unsent = self._wake(tx, _settle_wakes([o for o, ok in zip(outcomes, accepted, strict=True) if ok], tx))
+        self._send_stops(stops)
         self._send(unsent)
         return Exchanged(accepted, claimed, steps_accepted)
 
@@ -198,6 +209,47 @@ class Engine:
         """A run's step journal, in call order."""
         with self.store.read() as tx:
             return tx.step_list(run_id)
+
+    def journal(self, run_id: str) -> Journal:
+        """What a replay of the run needs: its steps and the state of its waits."""
+        with self.store.read() as tx:
+            return tx.journal(run_id)
+
+    # --- durable waits ----------------------------------------------------------------------------
+    def apply_wait(self, request: WaitRequest, lease_token: str) -> list[str] | None:
+        """A wait request that does not suspend the run (create_token, a trigger inside a run),
+        in a transaction of its own, fenced by the run's lease. -> the ids of the runs it
+        started (an idempotency key may give an existing one); None if the lease is gone."""
+        with self.store.transaction() as tx:
+            started = tx.wait_apply(request, lease_token)
+            unsent = self._wake(tx, [WORK] if started else [])
+        self._send(unsent)
+        return started
+
+    def create_waitpoints(self, waitpoints: Sequence[NewWaitpoint]) -> None:
+        """Waitpoints made outside any run (a token an app creates)."""
+        with self.store.transaction() as tx:
+            tx.waitpoint_create(self.environment, waitpoints)
+            unsent = self._wake(tx, [DELAYED] if any(w.complete_at is not None for w in waitpoints) else [])
+        self._send(unsent)
+
+    def waitpoint(self, waitpoint_id: str) -> WaitState:
+        with self.store.read() as tx:
+            state = tx.waitpoint_get(self.environment, waitpoint_id)
+        if state is None:
+            raise TokenNotFound(f"no waitpoint {waitpoint_id!r} in environment {self.environment!r}")
+        return state
+
+    def complete_token(self, token_id: str, output_json: str) -> bool:
+        """Complete a token: the runs waiting for it resume. False if it was already completed
+        or timed out (nothing changes); TokenNotFound if there is no such token."""
+        with self.store.transaction() as tx:
+            done = tx.token_complete(self.environment, token_id, output_json)
+            unsent = self._wake(tx, [WORK] if tx.resumed_queues else [])
+        if done is None:
+            raise TokenNotFound(f"no token {token_id!r} in environment {self.environment!r}")
+        self._send(unsent)
+        return done
 
     def heartbeat(self, worker_id: str, lease_seconds: float, run_ids: Sequence[str]) -> HeartbeatResult:
         with self.store.transaction() as tx:
@@ -224,7 +276,8 @@ class Engine:
         that became due in between (they need a wake-up, not a transition)."""
         with self.store.transaction() as tx:
             result = tx.run_maintain(since=since)
-            unsent = self._wake(tx, [WORK] if result.promoted or result.recovered or result.became_due else [])
+            due = result.promoted or result.recovered or result.became_due or tx.resumed_queues
+            unsent = self._wake(tx, [WORK] if due else [])
         self._send(unsent)
         self._retain()
         return result
@@ -249,10 +302,31 @@ class Engine:
         self._purge_at = self.now + (PURGE_BACKLOG_PAUSE if purged >= PURGE_BATCH else PURGE_INTERVAL)
 
     # --- wake-ups -------------------------------------------------------------------------------
-    def _wake(self, tx: Tx, messages: Sequence[bytes], worker_id: str | None = None) -> list[bytes]:
+    def _wake(self, tx: Tx, messages: Sequence[object], worker_id: str | None = None) -> list[bytes]:
         """Wake-ups the database delivers when `tx` commits (PostgreSQL NOTIFY); -> the ones
-        left for datagrams after the commit (SQLite)."""
-        return [m for m in messages if not tx.wake(self.environment, m, worker_id)]
+        left for datagrams after the commit (SQLite). `messages`: bytes (engine.notify), or a
+        `QueueWake`, which goes to its queue's workers where the Tx can address them
+        (PostgreSQL's `wake_queue`) and is a plain WORK elsewhere."""
+        from conveyor.engine.notify import QueueWake
+
+        wake_queue = getattr(tx, "wake_queue", None)
+        unsent: list[bytes] = []
+        for m in messages:
+            if isinstance(m, QueueWake):
+                if (
+                    wake_queue is not None
+                    and worker_id is None
+                    and wake_queue(self.environment, m.queue, m.runs, m.machine, m.version)
+                ):
+                    continue
+                message = m.message
+            elif isinstance(m, bytes):
+                message = m
+            else:
+                raise TypeError(f"not a wake-up: {m!r}")
+            if message not in unsent and not tx.wake(self.environment, message, worker_id):
+                unsent.append(message)
+        return unsent
 
     def _send(self, messages: Sequence[bytes]) -> None:
         for message in messages:
@@ -260,17 +334,26 @@ class Engine:
 
     def listen(self, worker_id: str, address: str) -> Listener | None:
         """Forward the wake-ups the database pushes to this worker (PostgreSQL LISTEN) to its
-        wake socket at `address`. None where producers send the datagrams themselves (SQLite)."""
+        wake socket at `address`. None where producers send the datagrams themselves (SQLite).
+        The worker tells the listener what it serves, and how its targeted wake-ups went,
+        through `self.notifier.idle` (engine.notify)."""
         target = parse_address(address)
         if target is None:
             return None
+        every = [target]
 
         def deliver(message: bytes | None) -> None:
             # None: some may have been missed (the connection was lost): check everything.
-            for m in [WORK, DELAYED, CANCEL] if message is None else [message]:
-                self.notifier.send([target], m)
+            if message is None:
+                for m in (WORK, DELAYED, CANCEL):
+                    self.notifier.send(every, m)
+            else:
+                self.notifier.send(every, message)
 
-        return self.store.listen(self.environment, worker_id, deliver)
+        listener = self.store.listen(self.environment, worker_id, deliver)
+        if listener is not None:
+            self.notifier.attach(worker_id, listener)
+        return listener
 
     # --- runs API -------------------------------------------------------------------------------
     def retrieve(self, run_id: str) -> Run:
@@ -298,15 +381,39 @@ class Engine:
 
     def cancel(self, run_id: str) -> Run:
         """QUEUED, DELAYED, WAITING: CANCELED at once. EXECUTING: its worker is told to stop the
-        code and confirms; the run keeps its slots until then. Finished: unchanged."""
+        code and confirms; the run keeps its slots until then. Finished: unchanged. The cancel
+        cascades to the unfinished children the run waits for (trigger_and_wait), and theirs."""
         with self.store.transaction() as tx:
-            result = tx.run_cancel(self.environment, run_id)
-            unsent = self._wake(tx, [CANCEL], result.run.worker_id) if result.stopping else []
-        if unsent:
-            target = parse_address(result.worker_address)
-            if target:
-                self.notifier.send([target], CANCEL)
+            result, stopping = self._cancel_tree(tx, run_id)
+            stops = self._stop_wakes(tx, stopping)
+            resumed = self._wake(tx, [WORK] if tx.resumed_queues else [])
+        self._send_stops(stops)
+        self._send(resumed)
         return result.run
+
+    def _cancel_tree(self, tx: Tx, run_id: str) -> tuple[CancelResult, list[CancelResult]]:
+        """Cancel a run and the unfinished children it waits for, and theirs. -> the run's
+        result, and the results of the executing runs whose workers must stop their code."""
+        result = tx.run_cancel(self.environment, run_id)
+        stopping = [result] if result.stopping else []
+        pending = tx.run_children_waited(run_id)
+        while pending:
+            child = tx.run_cancel(self.environment, pending.pop())
+            if child.stopping:
+                stopping.append(child)
+            pending += tx.run_children_waited(child.run.id)
+        return result, stopping
+
+    def _stop_wakes(self, tx: Tx, stopping: Sequence[CancelResult]) -> list[tuple[str | None, bytes]]:
+        """Cancel wake-ups for the workers holding `stopping`: by the database at commit
+        (PostgreSQL), else (address, message) datagrams to send after it."""
+        return [(r.worker_address, m) for r in stopping for m in self._wake(tx, [CANCEL], r.run.worker_id)]
+
+    def _send_stops(self, stops: Sequence[tuple[str | None, bytes]]) -> None:
+        for address, message in stops:
+            target = parse_address(address)
+            if target:
+                self.notifier.send([target], message)
 
     def replay(self, run_id: str) -> str:
         """A new run of the same task with the same payload and options (no idempotency key)."""
@@ -381,13 +488,34 @@ class Engine:
         return info
 
 
-def _insert_wakes(runs: Sequence[NewRun], results: Sequence[tuple[str, bool]]) -> list[bytes]:
-    """What an insert wakes workers for: runs to claim now, and timers to re-plan."""
-    if not any(created for _, created in results):
-        return []
+def _settle_wakes(settled: Sequence[Outcome], tx: Tx) -> list[bytes]:
+    """What accepted outcomes wake workers for."""
     wakes = []
-    if any(r.status is RunStatus.QUEUED for r in runs):
+    kinds = {o.kind for o in settled}
+    children = any(r for o in settled for w in o.waits for r in w.runs)
+    if OutcomeKind.RELEASED in kinds or tx.resumed_queues or children:  # work for someone, now
         wakes.append(WORK)
-    if any(r.status is RunStatus.DELAYED for r in runs):
+    timers = any(p.complete_at is not None for o in settled for w in o.waits for p in w.create)
+    if OutcomeKind.RETRY in kinds or timers:  # work later: workers re-plan their maintenance timers
+        wakes.append(DELAYED)
+    return wakes
+
+
+def _insert_wakes(runs: Sequence[NewRun], results: Sequence[tuple[str, bool]]) -> list[object]:
+    """What an insert wakes workers for: the queues of the runs made QUEUED (a QueueWake per
+    queue, saying how many runs), and timers to re-plan (runs made DELAYED)."""
+    from conveyor.engine.notify import QueueWake
+
+    queued: dict[str, list[NewRun]] = {}
+    delayed = False
+    for run, (_, created) in zip(runs, results, strict=True):
+        if not created:
+            continue
+        if run.status is RunStatus.QUEUED:
+            queued.setdefault(run.queue, []).append(run)
+        elif run.status is RunStatus.DELAYED:
+            delayed = True
+    wakes: list[object] = [QueueWake(q, len(rs), rs[0].machine, rs[0].version) for q, rs in queued.items()]
+    if delayed:
         wakes.append(DELAYED)
     return wakes

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from conveyor.core.errors import ConveyorError, InvalidOptions
-from conveyor.core.records import MetadataOp, StepRecord
+from conveyor.core.records import Journal, MetadataOp, StepRecord, WaitRequest, WaitState
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,19 @@ class Channel(Protocol):
 
     def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None: ...
 
-    def metadata(self, ops: list[MetadataOp]) -> None: ...
+    def metadata(self, ops: list[MetadataOp], run_id: str | None = None) -> None:
+        """Operations on this run's metadata, or on another run of its tree (`run_id`)."""
 
-    async def load_journal(self) -> list[StepRecord]: ...
+    def stream(self, key: str, chunk: str, ts: float) -> None:
+        """Buffer one stream chunk (JSON text); the worker appends it to the run's event log,
+        fenced by the lease, in order with the run's other writes."""
+
+    async def load_journal(self) -> Journal: ...
 
     async def save_step(self, step: StepRecord) -> None:
         """Returns once the step is committed; raises StopExecution if the lease is gone."""
 
-    def load_journal_sync(self) -> list[StepRecord]: ...
+    def load_journal_sync(self) -> Journal: ...
 
     def save_step_sync(self, step: StepRecord) -> None: ...
 
@@ -78,12 +83,25 @@ class Execution:
     channel: Channel
     metadata: dict[str, Any] = field(default_factory=dict)
     log_level: int = 20
+    lease_token: str = ""  # fences what the run's code writes directly (wait requests)
     max_step_bytes: int = 1024 * 1024
     # The step journal: loaded at the first step() call, by position.
     journal: dict[int, StepRecord] | None = None
     step_counts: dict[str, int] = field(default_factory=dict)
     next_position: int = 0
     nondeterministic: Exception | None = None  # set when a replay diverged (the run fails)
+    waits: dict[str, WaitState] = field(default_factory=dict)  # the waitpoints of the journal
+    # Set when the code asked to suspend: the wait requests the suspension applies first.
+    suspending: bool = False
+    suspend_requests: list[WaitRequest] = field(default_factory=list)
+    sync: bool = False  # a plain `def` task: durable calls block and return values instead of awaitables
+
+    @property
+    def replaying(self) -> bool:
+        """The code has not yet reached the end of what the journal recorded: it is redoing
+        what an earlier execution did, whose log lines and metadata operations are kept
+        already, so they are not written again (DECISIONS.md, "Durable execution")."""
+        return bool(self.journal) and self.next_position <= max(self.journal)  # type: ignore[arg-type]
 
 
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar("conveyor_execution", default=None)
@@ -108,14 +126,12 @@ def leave(token: contextvars.Token[Execution | None]) -> None:
     _current.reset(token)
 
 
-class Metadata:
-    """`conveyor.metadata`: the current run's metadata, changed with operations applied in SQL
-    so concurrent writers never lose updates."""
+class _Operations:
+    """The write operations of `conveyor.metadata`, applied in SQL so concurrent writers (many
+    children updating their parent) never lose updates."""
 
     def _apply(self, op: MetadataOp) -> None:
-        execution = require(f"metadata.{op.op}")
-        _apply_local(execution.metadata, op)
-        execution.channel.metadata([op])
+        raise NotImplementedError
 
     def set(self, key: str, value: Any) -> None:
         self._apply(MetadataOp("set", _key(key), _jsonable(value)))
@@ -134,6 +150,38 @@ class Metadata:
     def append(self, key: str, value: Any) -> None:
         self._apply(MetadataOp("append", _key(key), _jsonable(value)))
 
+
+class _TreeMetadata(_Operations):
+    """`conveyor.metadata.parent` / `.root`: write-only operations on another run of the tree
+    (a child reporting progress to its parent). Outside a child (no parent) they do nothing,
+    like Trigger.dev's."""
+
+    def __init__(self, which: str) -> None:
+        self._which = which
+
+    def _apply(self, op: MetadataOp) -> None:
+        execution = require(f"metadata.{self._which}.{op.op}")
+        if execution.replaying:
+            return
+        run = execution.ctx.run
+        target = run.parent_id if self._which == "parent" else (run.root_id or run.parent_id)
+        if target is not None:
+            execution.channel.metadata([op], target)
+
+
+class Metadata(_Operations):
+    """`conveyor.metadata`: the current run's metadata."""
+
+    parent = _TreeMetadata("parent")
+    root = _TreeMetadata("root")
+
+    def _apply(self, op: MetadataOp) -> None:
+        execution = require(f"metadata.{op.op}")
+        if execution.replaying:  # applied the first time: the run's metadata holds it already
+            return
+        _apply_local(execution.metadata, op)
+        execution.channel.metadata([op])
+
     def get(self, key: str, default: Any = None) -> Any:
         return copy.deepcopy(require("metadata.get").metadata.get(key, default))
 
@@ -150,10 +198,9 @@ def _key(key: str) -> str:
 def _jsonable(value: Any) -> Any:
     import json
 
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InvalidOptions(f"metadata value is not JSON-serialisable: {exc}") from None
+    from conveyor.sdk.serde import to_json
+
+    return json.loads(to_json(value, "the metadata value", InvalidOptions))
 
 
 def _apply_local(data: dict[str, Any], op: MetadataOp) -> None:

@@ -18,8 +18,8 @@ class RunLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         execution = context.current()
-        if execution is None or record.levelno < execution.log_level:
-            return
+        if execution is None or record.levelno < execution.log_level or execution.replaying:
+            return  # replayed code logged these lines the first time (DECISIONS.md)
         try:
             message = record.getMessage()
         except Exception:  # a bad format string must not break the run
@@ -32,11 +32,15 @@ class RunLogHandler(logging.Handler):
             attributes = {k: _plain(v) for k, v in extra.items()}
             if record.name != logger.name:
                 attributes["logger"] = record.name
+        if "\x00" in message:  # PostgreSQL text cannot hold NUL: a log line must never fail a commit
+            message = message.replace("\x00", "\\x00")
         execution.channel.log(record.levelname, message, attributes, record.created)
 
 
 def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if value is None or isinstance(value, int | float | bool):
         return value
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import traceback
 import typing
 from typing import Any
@@ -76,9 +77,17 @@ def plain(value: Any) -> Any:
 def to_json(value: Any, what: str, error: type[Exception] = SerializationError) -> str:
     try:
         # Plain JSON types skip the model/dataclass checks (the trigger hot path).
-        return _ENCODER.encode(value if type(value) in _NATIVE else plain(value))
+        text = _ENCODER.encode(value if type(value) in _NATIVE else plain(value))
     except (TypeError, ValueError, RecursionError) as exc:
         raise error(f"{what} is not JSON-serialisable: {exc}") from None
+    if "\\u0000" in text and _NUL.search(text):
+        # PostgreSQL's jsonb cannot hold it: refuse it on every store, here, not at the commit.
+        raise error(f"{what} contains a NUL character (\\u0000), which the store cannot hold")
+    return text
+
+
+# An escaped NUL in JSON text (not the literal text "\\u0000", whose backslash is escaped too).
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _default(value: Any) -> Any:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conveyor.core.errors import ConveyorError, InvalidOptions, NonDeterministic, SerializationError
-from conveyor.core.records import StepRecord
+from conveyor.core.records import Journal, StepRecord
 from conveyor.sdk import context
 from conveyor.sdk.context import Execution
 from conveyor.sdk.serde import to_json
@@ -31,8 +31,7 @@ from conveyor.sdk.serde import to_json
 async def step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run `fn(*args, **kwargs)` once per run (awaited if it returns an awaitable)."""
     execution = context.require("conveyor.step")
-    if execution.journal is None:
-        execution.journal = {s.position: s for s in await execution.channel.load_journal()}
+    await load_journal(execution)
     position, key, stored = _next_call(execution, name)
     if stored is not None:
         return json.loads(stored.output)
@@ -50,7 +49,7 @@ def step_sync(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     """The same for sync tasks: `conveyor.step_sync("load", load_user, user_id)`."""
     execution = context.require("conveyor.step_sync")
     if execution.journal is None:
-        execution.journal = {s.position: s for s in execution.channel.load_journal_sync()}
+        install_journal(execution, execution.channel.load_journal_sync())
     position, key, stored = _next_call(execution, name)
     if stored is not None:
         return json.loads(stored.output)
@@ -62,6 +61,26 @@ def step_sync(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     execution.channel.save_step_sync(record)
     execution.journal[position] = record
     return json.loads(record.output)
+
+
+async def load_journal(execution: Execution) -> None:
+    """Load the run's journal once per execution segment, at its first durable call."""
+    if execution.journal is None:
+        install_journal(execution, await execution.channel.load_journal())
+
+
+def load_journal_blocking(execution: Execution) -> None:
+    """The same from code that may not await (a sync task, or a trigger from async code): it
+    reads the store on the calling thread."""
+    if execution.journal is None:
+        from conveyor.sdk.client import get_client
+
+        install_journal(execution, get_client().engine.journal(execution.ctx.run.id))
+
+
+def install_journal(execution: Execution, journal: Journal) -> None:
+    execution.journal = {s.position: s for s in journal.steps}
+    execution.waits = journal.waits
 
 
 def _next_call(execution: Execution, name: str) -> tuple[int, str, StepRecord | None]:

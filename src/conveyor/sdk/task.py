@@ -211,6 +211,11 @@ class Task(Generic[P, R]):
     def trigger(self, payload: Any = None, *, connection: Any = None, **options: Any) -> RunHandle:
         """`connection`: the caller's open psycopg (or sqlite3) connection to the same database;
         the run is written in its transaction and exists iff the caller commits."""
+        if connection is None and _in_run():
+            from conveyor.sdk import waits
+
+            client = self._trigger_context()[0]
+            return RunHandle(waits.trigger_in_run(self, [(payload, options)], "trigger")[0], client)
         client, record, now, lineage = self._trigger_context()
         run = self._prepare(client, record, now, lineage, payload, options)
         run_id, _ = client.engine.insert([run], connection)[0]
@@ -221,11 +226,17 @@ class Task(Generic[P, R]):
 
     def batch_trigger(self, items: list[Any], *, connection: Any = None) -> list[RunHandle]:
         """Up to 1,000 items, atomically: all valid or nothing created (the error names the items)."""
+        if connection is None and _in_run():
+            from conveyor.sdk import waits
+
+            client = self._trigger_context()[0]
+            pairs = [_item(i) for i in items]
+            return [RunHandle(run_id, client) for run_id in waits.trigger_in_run(self, pairs, "batch_trigger")]
         client, record, now, lineage = self._trigger_context()
         runs: list[NewRun] = []
         errors: list[str] = []
         for index, item in enumerate(items):
-            payload, options = (item.payload, item.options) if isinstance(item, BatchItem) else (item, {})
+            payload, options = _item(item)
             try:
                 runs.append(self._prepare(client, record, now, lineage, payload, options))
             except ConveyorError as exc:
@@ -240,11 +251,36 @@ class Task(Generic[P, R]):
     async def batch_trigger_async(self, items: list[Any]) -> list[RunHandle]:
         return await asyncio.to_thread(self.batch_trigger, items)
 
+    def trigger_and_wait(self, payload: Any = None, **options: Any) -> Any:
+        """Inside a task: trigger a child and suspend until it finishes, holding no worker or
+        concurrency slot. -> Result (`.ok`, `.output`, `.error`, `.unwrap()`); awaitable in an
+        async task, the value in a sync one. The child runs the parent's version."""
+        from conveyor.sdk import waits
+
+        return waits.trigger_and_wait(self, [(payload, options)], batch=False)
+
+    def batch_trigger_and_wait(self, items: list[Any]) -> Any:
+        """Inside a task: up to 1,000 children (payloads or BatchItems), one suspension until all
+        have finished. -> a list of Results in input order."""
+        from conveyor.sdk import waits
+
+        return waits.trigger_and_wait(self, [_item(i) for i in items], batch=True)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return typing.cast(R, self.fn(*args, **kwargs))
 
     def __repr__(self) -> str:
         return f"<Task {self.id} queue={self.queue.name}>"
+
+
+def _item(item: Any) -> tuple[Any, dict[str, Any]]:
+    return (item.payload, item.options) if isinstance(item, BatchItem) else (item, {})
+
+
+def _in_run() -> bool:
+    from conveyor.sdk import context
+
+    return context.current() is not None
 
 
 def _derive(fn: Callable[[Any], Any], data: Any, task_id: str, what: str, str_: bool = True) -> Any:

@@ -22,10 +22,12 @@ from conveyor.core.records import (
     ClaimedRun,
     ClaimRequest,
     HeartbeatResult,
+    Journal,
     LogLine,
     MaintenanceResult,
     MetadataOp,
     NewRun,
+    NewWaitpoint,
     Outcome,
     QueueInfo,
     QueueSpec,
@@ -33,7 +35,10 @@ from conveyor.core.records import (
     RunEvent,
     RunFilter,
     StepRecord,
+    StreamChunk,
     TaskRecord,
+    WaitRequest,
+    WaitState,
     WorkerInfo,
 )
 
@@ -46,6 +51,13 @@ class Listener(Protocol):
 
 class Tx(ABC):
     """One open transaction. Reads see its own writes."""
+
+    # Queues of the WAITING runs this transaction queued again (their waits ended): the engine
+    # wakes workers for them after the commit.
+    resumed_queues: set[str]
+    # Runs that suspended although a cancel was asked for (it raced the suspension): the engine
+    # cancels them, and what they wait for, in the same transaction.
+    cancel_pending: list[str]
 
     # --- wake-ups ---------------------------------------------------------------------------------
     def wake(self, environment: str, message: bytes, worker_id: str | None = None) -> bool:
@@ -116,6 +128,38 @@ class Tx(ABC):
         another transaction holds are skipped. One small batch per call keeps locks short.
         -> runs deleted."""
 
+    # --- durable waits ---------------------------------------------------------------------------
+    # A run in `run_settle_many` with an outcome of kind SUSPENDED applies its wait requests, then
+    # goes WAITING, and is queued again at once if nothing it waits for is pending. A finished
+    # child completes the waitpoints that target it; the maintenance pass completes due times and
+    # token timeouts; each completion queues the runs that wait for nothing else (`resumed_queues`).
+    @abstractmethod
+    def wait_apply(self, request: WaitRequest, lease_token: str) -> list[str] | None:
+        """Apply one wait request without suspending (create_token, a trigger inside a run).
+        The journal row of a request that starts runs records their ids (an idempotency key
+        may return an existing run). -> those ids; None (nothing written) unless the run's
+        lease matches."""
+
+    @abstractmethod
+    def waitpoint_create(self, environment: str, waitpoints: Sequence[NewWaitpoint]) -> None:
+        """Waitpoints made outside any run (a token created by an app)."""
+
+    @abstractmethod
+    def waitpoint_get(self, environment: str, waitpoint_id: str) -> WaitState | None: ...
+
+    @abstractmethod
+    def token_complete(self, environment: str, token_id: str, output: str) -> bool | None:
+        """Complete a pending token with `output` (JSON text of the Result) and resume its
+        waiters. -> True; False if it was completed (or timed out) before; None if unknown."""
+
+    @abstractmethod
+    def journal(self, run_id: str) -> Journal:
+        """The run's steps and the state of every waitpoint it waits or waited for."""
+
+    @abstractmethod
+    def run_children_waited(self, run_id: str) -> list[str]:
+        """Children the run waits for (trigger_and_wait) that have not finished: cancel cascades to them."""
+
     # --- runs: reads -------------------------------------------------------------------------
     @abstractmethod
     def run_get(self, environment: str, run_id: str) -> Run | None: ...
@@ -158,6 +202,28 @@ class Tx(ABC):
     ) -> dict[str, object] | None:
         """Apply operations in SQL (no lost updates). With a lease token, refused (None) unless
         it still matches. Returns the new metadata."""
+
+    @abstractmethod
+    def stream_append_many(self, chunks: Sequence[StreamChunk]) -> list[bool]:
+        """Append stream chunks to their runs' event logs: each an event of kind "stream" with
+        data {"key", "chunk"}, taking its run's next seq (bumping `event_seq` and `updated_at`),
+        chunks of one run in input order. A chunk whose run no longer matches (id, lease
+        token, EXECUTING) is refused (False) and nothing of it is written."""
+
+    @abstractmethod
+    def run_tag_seqs(
+        self,
+        environment: str,
+        tag: str,
+        min_id: str = "",
+        run_ids: Sequence[str] = (),
+        unfinished: bool = False,
+    ) -> list[tuple[str, int, str]]:
+        """What `subscribe_tag` polls: (run id, event_seq, status) of the runs with the tag
+        whose id is >= `min_id` (ids sort by creation time: a recent window), of the tag's
+        unfinished runs when `unfinished` (once, when a subscription starts), and of
+        `run_ids` (runs the subscriber already follows, read by primary key). Reads the
+        tag's index range, never all runs."""
 
     # --- workers -------------------------------------------------------------------------------
     @abstractmethod

@@ -6,6 +6,7 @@ jsonb as Python values) and passes `decode` for JSON columns.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,12 @@ from conveyor.core.status import RunStatus
 Decode = Callable[[Any], Any]
 
 WORKER_LOST = {"code": "WORKER_LOST", "message": "the worker running this attempt stopped renewing its lease"}
+CANCELED_ERROR = {"code": "CANCELED", "type": "Canceled", "message": "the run was canceled"}
+EXPIRED_ERROR = {"code": "EXPIRED", "message": "not started within its ttl"}
+# The Result of a token wait that timed out (a waitpoint's output).
+TOKEN_TIMEOUT = json.dumps(
+    {"ok": False, "error": {"code": "TIMEOUT", "type": "WaitTimeout", "message": "the token was not completed in time"}}
+)
 
 # The columns of a Run, in the order `run_from_row` reads them.
 RUN_COLUMNS = (
@@ -45,7 +52,7 @@ def claimed_from_row(r: Sequence[Any], token: str, decode: Decode) -> ClaimedRun
         retry=decode(r[6]), max_duration=r[7], executed_seconds=r[8], tags=decode(r[9]) or [],
         metadata=decode(r[10]) or {}, concurrency_key=r[11], idempotency_key=r[12], machine=r[13],
         version=r[14], parent_id=r[15], root_id=r[16], batch_id=r[17], created_at=r[18], started_at=r[19],
-        claimed_at=r[22],
+        claimed_at=r[22], segment=r[23],
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from conveyor.sdk import context
 from conveyor.sdk.context import AttemptInfo, Context, RunInfo, TaskInfo
 from conveyor.sdk.serde import error_dict, safe_str, to_json
 from conveyor.sdk.task import RetryDecision, Task
+from conveyor.sdk.waits import Suspend
 
 log = logging.getLogger("conveyor.worker")
 
@@ -97,17 +98,23 @@ async def run_attempt(
     outcome: Outcome | None
     try:
         try:
-            if run.attempt == 1:
+            if run.attempt == 1 and run.segment == 1:  # once per run, not per resume
                 await call_hook(task.hooks.get("on_start"), payload, ctx)
             result = call(payload)
             if inspect.isawaitable(result):
                 result = await result
+        except Suspend:
+            return _suspended(run)
         except (asyncio.CancelledError, StopExecution) as exc:
             reason = exc.reason if isinstance(exc, StopExecution) else stop_reason()
             return await _stopped(task, run, ctx, payload, reason or CANCELED)
         except AbortRun as exc:
+            if _suspending():  # the code caught its suspension and went on: it suspends all the same
+                return _suspended(run)
             outcome = _failed(run, error_dict(exc, "ABORTED"))
         except Exception as exc:
+            if _suspending():
+                return _suspended(run)
             diverged = _diverged()
             if diverged is not None:
                 outcome = _failed(run, error_dict(diverged, "NON_DETERMINISTIC"))
@@ -117,6 +124,8 @@ async def run_attempt(
             reason = stop_reason()
             if reason is not None:  # the code swallowed its cancellation and returned
                 return await _stopped(task, run, ctx, payload, reason)
+            if _suspending():
+                return _suspended(run)
             diverged = _diverged()
             if diverged is not None:  # the code caught the error and went on: the run still fails
                 outcome = _failed(run, error_dict(diverged, "NON_DETERMINISTIC"))
@@ -160,6 +169,18 @@ async def _stopped(task: Task[Any, Any], run: ClaimedRun, ctx: Context, payload:
     if reason == RELEASED:
         return Outcome(run.id, run.lease_token, OutcomeKind.RELEASED)
     return None  # LEASE_LOST: the run is someone else's now
+
+
+def _suspending() -> bool:
+    execution = context.current()
+    return execution is not None and execution.suspending
+
+
+def _suspended(run: ClaimedRun) -> Outcome:
+    """The run waits without a worker: WAITING after its wait requests are applied."""
+    execution = context.current()
+    waits = list(execution.suspend_requests) if execution is not None else []
+    return Outcome(run.id, run.lease_token, OutcomeKind.SUSPENDED, waits=waits)
 
 
 def _diverged() -> Exception | None:

@@ -20,11 +20,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.core.clock import SYSTEM_CLOCK
-from conveyor.core.records import ClaimedRun, MetadataOp, StepRecord
+from conveyor.core.records import ClaimedRun, Journal, MetadataOp, StepRecord, WaitState
 from conveyor.sdk import client as client_module
 from conveyor.sdk import context, logs
 from conveyor.sdk.context import Execution
 from conveyor.sdk.registry import REGISTRY
+from conveyor.sdk.steps import install_journal
 from conveyor.worker.attempt import (
     CANCELED,
     LEASE_LOST,
@@ -63,19 +64,23 @@ class PipeChannel:
     def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
         self.conn.send(("log", level, message, attributes, ts))
 
-    def metadata(self, ops: list[MetadataOp]) -> None:
-        self.conn.send(("meta", [(op.op, op.key, op.value) for op in ops]))
+    def metadata(self, ops: list[MetadataOp], run_id: str | None = None) -> None:
+        self.conn.send(("meta", [(op.op, op.key, op.value) for op in ops], run_id))
 
-    def load_journal_sync(self) -> list[StepRecord]:
+    def stream(self, key: str, chunk: str, ts: float) -> None:
+        self.conn.send(("chunk", key, chunk, ts))
+
+    def load_journal_sync(self) -> Journal:
         self.conn.send(("journal",))
-        return [StepRecord(**s) for s in self._reply("journal")]
+        data = self._reply("journal")
+        return Journal([StepRecord(**s) for s in data["steps"]], {k: WaitState(**w) for k, w in data["waits"].items()})
 
     def save_step_sync(self, step: StepRecord) -> None:
         self.conn.send(("step", asdict(step)))
         if not self._reply("step_ok"):
             raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
 
-    async def load_journal(self) -> list[StepRecord]:  # async hooks of sync tasks run here too
+    async def load_journal(self) -> Journal:  # async hooks of sync tasks run here too
         return self.load_journal_sync()
 
     async def save_step(self, step: StepRecord) -> None:
@@ -122,8 +127,12 @@ def main(conn: Connection, settings: dict[str, Any]) -> None:
             metadata=dict(run.metadata),
             log_level=log_level,
             max_step_bytes=settings["max_step_bytes"],
+            lease_token=run.lease_token,
+            sync=True,
         )
         token = context.enter(execution)
+        if run.attempt > 1 or run.segment > 1:  # a replay: know it from the first line of code
+            install_journal(execution, channel.load_journal_sync())
         _stop_reason = None
         _running = True
         conn.send(("started",))

@@ -133,10 +133,12 @@ class SyncPool:
                 elif kind == "log":
                     channel.log(*message[1:])
                 elif kind == "meta":
-                    channel.metadata([MetadataOp(op, key, value) for op, key, value in message[1]])
+                    channel.metadata([MetadataOp(op, key, value) for op, key, value in message[1]], message[2])
+                elif kind == "chunk":
+                    channel.stream(*message[1:])
                 elif kind == "journal":  # the child waits for the answer
                     journal = await channel.load_journal()
-                    worker.conn.send(("journal", [asdict(s) for s in journal]))
+                    worker.conn.send(("journal", asdict(journal)))
                 elif kind == "step":
                     try:
                         await channel.save_step(StepRecord(**message[1]))
@@ -146,10 +148,7 @@ class SyncPool:
                     worker.conn.send(("step_ok", stored))
                 elif kind == "done":
                     data = message[1]
-                    if data is None:
-                        return None
-                    data["status"] = RunStatus(data["status"])
-                    return Outcome(**data)
+                    return None if data is None else Outcome.from_dict(data)
                 elif kind == "stopped":
                     return synthesized(run, message[1])
                 elif kind == "gone":

@@ -28,11 +28,13 @@ from conveyor.core.records import (
     ClaimedRun,
     ClaimRequest,
     HeartbeatResult,
+    Journal,
     LogLine,
     MetadataOp,
     Outcome,
     OutcomeKind,
     StepRecord,
+    StreamChunk,
     TaskRecord,
     WorkerInfo,
 )
@@ -42,6 +44,7 @@ from conveyor.engine.notify import CANCEL, DELAYED, WakeSocket
 from conveyor.sdk import context, logs
 from conveyor.sdk.context import Execution
 from conveyor.sdk.serde import error_dict
+from conveyor.sdk.steps import load_journal
 from conveyor.sdk.task import Task
 from conveyor.worker.attempt import (
     CANCELED,
@@ -56,6 +59,7 @@ from conveyor.worker.pool import SyncPool
 
 log = logging.getLogger("conveyor.worker")
 T = TypeVar("T")
+MAINTAIN_GAP = 0.005  # seconds between two timer-driven maintenance passes, at least
 
 
 @dataclass
@@ -104,11 +108,14 @@ class _LocalChannel:
     def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
         self.worker._add_log(self.run, level, message, attributes, ts)
 
-    def metadata(self, ops: list[MetadataOp]) -> None:
-        self.worker._add_metadata(self.run, ops)
+    def metadata(self, ops: list[MetadataOp], run_id: str | None = None) -> None:
+        self.worker._add_metadata(self.run, ops, run_id)
 
-    async def load_journal(self) -> list[StepRecord]:
-        return await self.worker._store(self.worker.engine.steps, self.run.id)
+    def stream(self, key: str, chunk: str, ts: float) -> None:
+        self.worker._add_chunk(StreamChunk(self.run.id, self.run.lease_token, self.run.attempt, key, chunk, ts))
+
+    async def load_journal(self) -> Journal:
+        return await self.worker._store(self.worker.engine.journal, self.run.id)
 
     async def save_step(self, step: StepRecord) -> None:
         step.lease_token = self.run.lease_token
@@ -116,7 +123,7 @@ class _LocalChannel:
             raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
 
     # Sync tasks in thread mode call these from their thread; the work happens on the loop.
-    def load_journal_sync(self) -> list[StepRecord]:
+    def load_journal_sync(self) -> Journal:
         return self._on_loop(self.load_journal())
 
     def save_step_sync(self, step: StepRecord) -> None:
@@ -154,12 +161,14 @@ class Worker:
         self.running: dict[str, _Running] = {}
         self._outcomes: list[Outcome] = []
         self._logs: list[LogLine] = []
-        self._metadata: list[tuple[str, str, list[MetadataOp]]] = []
+        self._metadata: list[tuple[str, str | None, list[MetadataOp]]] = []
+        self._chunks: list[StreamChunk] = []
         self._steps: list[tuple[StepRecord, asyncio.Future[bool]]] = []  # resolved when committed
         self._settling: set[str] = set()  # finished here, outcome not committed yet
         self._claim_wanted = True
         self._check_cancels = False
         self._maintain_at = 0.0
+        self._maintained_at = float("-inf")  # loop time of the last maintenance pass
         self._last_maintain: float | None = None
         self._stopping = False
         self._release_at: float | None = None
@@ -299,22 +308,24 @@ class Worker:
         )
 
     def _has_writes(self) -> bool:
-        return bool(self._outcomes or self._logs or self._metadata or self._steps)
+        return bool(self._outcomes or self._logs or self._metadata or self._steps or self._chunks)
 
     async def _exchange(self, claim: ClaimRequest | None) -> None:
         outcomes, self._outcomes = self._outcomes, []
         lines, self._logs = self._logs, []
         metadata, self._metadata = self._metadata, []
+        chunks, self._chunks = self._chunks, []
         steps, self._steps = self._steps, []
         self._claim_wanted = False
         try:
             result = await self._store(
-                self.engine.exchange, outcomes, lines, claim, metadata, [record for record, _ in steps]
+                self.engine.exchange, outcomes, lines, claim, metadata, [record for record, _ in steps], chunks
             )
         except Exception as exc:
             # Keep every write: nothing reported may be lost. Try again shortly.
             log.error("store error, retrying: %s", exc)
             self._outcomes[:0], self._logs[:0], self._metadata[:0] = outcomes, lines, metadata
+            self._chunks[:0] = chunks
             self._steps[:0] = steps
             self._claim_wanted = claim is not None
             await asyncio.sleep(0.2)
@@ -327,8 +338,12 @@ class Worker:
         for outcome, ok in zip(outcomes, accepted, strict=True):
             if ok and outcome.kind == OutcomeKind.RETRY and outcome.retry_at is not None:
                 # Wake when the retry is due (maintenance notices it and claims it).
-                due_in = outcome.retry_at - self.engine.now
-                self._maintain_at = min(self._maintain_at, self._loop_time() + max(0.0, due_in) + 0.001)
+                self._maintain_by(outcome.retry_at)
+            if ok and outcome.kind == OutcomeKind.SUSPENDED:
+                for request in outcome.waits:  # timers: wake when due, to resume the run at once
+                    for waitpoint in request.create:
+                        if waitpoint.complete_at is not None:
+                            self._maintain_by(waitpoint.complete_at)
             if not ok:
                 log.warning("run %s: outcome refused, the lease was lost (another worker may own it)", outcome.run_id)
         self.stats["settled"] += len(outcomes)
@@ -342,12 +357,56 @@ class Worker:
 
     async def _idle(self) -> None:
         assert self._wake is not None and self._loop is not None
+        # Tell the LISTEN session (PostgreSQL) whether this worker can take a run now, and how
+        # the targeted wake-ups it read went: one it could not serve goes to the other workers.
+        # Wholly idle (no code of ours running that could hold up this loop), lend it a claim
+        # to make itself on the next wake-up for work (engine.notify.ClaimLoan).
+        free = self.options.concurrency - len(self.running)
+        able = free > 0 and not self._stopping and not self._renewals_stale()
+        loan = None
+        if able and not self.running and self.engine.notifier.lends(self.id):
+            self._rotation = (self._rotation + 1) % len(self.queues)
+            request = ClaimRequest(
+                environment=self.engine.environment,
+                worker_id=self.id,
+                queues=self.queues[self._rotation :] + self.queues[: self._rotation],
+                task_ids=self.task_ids,
+                limit=free,
+                lease_seconds=self.options.lease,
+                machine=self.options.machine,
+                version=self.options.version,
+            )
+            loan = self.engine.notifier.loan(lambda: self.engine.claim(request), free, self._loop, self._poke)
+        self.engine.notifier.idle(
+            self.id,
+            self.queues,
+            self.task_ids,
+            self.options.machine,
+            self.options.version,
+            able,
+            self._claim_wanted,
+            self.stats["claimed"],
+            loan,
+        )
         timeout = min(self.options.poll, max(0.0, self._maintain_at - self._loop.time()))
         if self._stopping and self._release_at is not None and self._release_at != float("inf"):
             timeout = min(timeout, max(0.0, self._release_at - time.monotonic()))
+        timed_out = False
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._wake.wait()
         except TimeoutError:
+            timed_out = True
+        if loan is not None and not loan.revoke():  # the LISTEN thread claimed: wait, then start
+            await loan.done
+            if loan.error is not None:
+                log.error("store error, retrying: %s", loan.error)
+            self.stats["claimed"] += len(loan.claimed)
+            for run in loan.claimed:
+                self._start(run)
+            if loan.error is not None or len(loan.claimed) >= loan.limit:
+                self._claim_wanted = True  # there may be more
+        if timed_out:
             try:
                 token = await self._store(self.engine.store.change_token)
             except Exception as exc:  # the store is unreachable (a database restart): not fatal
@@ -368,9 +427,11 @@ class Worker:
             self._maintain_at = self._loop.time() + 1.0
             return
         self._last_maintain = now
-        wait = 5.0 if result.next_due is None else max(0.001, result.next_due - self.engine.now + 0.001)
-        self._maintain_at = self._loop.time() + min(wait, 5.0)
-        if result.promoted or result.recovered or result.became_due:
+        self._maintained_at = self._loop.time()
+        self._maintain_at = self._maintained_at + 5.0
+        if result.next_due is not None:
+            self._maintain_by(result.next_due)
+        if result.promoted or result.recovered or result.became_due or result.resumed:
             self._claim_wanted = True
 
     # --- executing ------------------------------------------------------------------------------
@@ -424,9 +485,13 @@ class Worker:
             metadata=dict(run.metadata),
             log_level=self.options.log_level,
             max_step_bytes=self.options.max_step_bytes,
+            lease_token=run.lease_token,
+            sync=not task.is_async,
         )
         token = context.enter(execution)
         try:
+            if run.attempt > 1 or run.segment > 1:  # a replay: know it from the first line of code
+                await load_journal(execution)
             if task.is_async:
                 call = _caller(task, ctx)
             else:
@@ -475,6 +540,11 @@ class Worker:
         elif len(self._logs) == 1 and self._loop is not None:
             self._loop.call_later(0.2, self._poke)
 
+    def _add_chunk(self, chunk: StreamChunk) -> None:
+        """Stream chunks go out at once (a live stream), grouped with whatever else is pending."""
+        self._chunks.append(chunk)
+        self._poke()
+
     def _add_step(self, step: StepRecord) -> asyncio.Future[bool]:
         """Queue a completed step for the next commit; the future says whether it was stored."""
         assert self._loop is not None
@@ -483,8 +553,10 @@ class Worker:
         self._poke()
         return done
 
-    def _add_metadata(self, run: ClaimedRun, ops: list[MetadataOp]) -> None:
-        self._metadata.append((run.id, run.lease_token, ops))
+    def _add_metadata(self, run: ClaimedRun, ops: list[MetadataOp], target: str | None = None) -> None:
+        """`target`: another run of the tree (metadata.parent / .root); it is not this run's
+        to fence, so those operations are applied whatever that run's state."""
+        self._metadata.append((target, None, ops) if target else (run.id, run.lease_token, ops))
         self._poke()
 
     def _poke(self) -> None:
@@ -497,8 +569,10 @@ class Worker:
                 self._check_cancels = True
             elif message == DELAYED:
                 self._maintain_at = 0.0
-            else:
+            else:  # WORK, or TARGETED: work for this worker alone, reported back in _idle
                 self._claim_wanted = True
+        if wake_socket.targeted:
+            self.engine.notifier.targeted(self.id, wake_socket.drained_at, self.stats["claimed"])
         self._poke()
 
     # --- leases ---------------------------------------------------------------------------------
@@ -539,6 +613,13 @@ class Worker:
                 self._loop.call_soon_threadsafe(fn, *args)
 
     # --- helpers --------------------------------------------------------------------------------
+    def _maintain_by(self, when: float) -> None:
+        """Run maintenance at store-clock time `when` (a timer or a retry falls due), but at most
+        one pass per MAINTAIN_GAP: timers that fall due close together (a burst of runs that
+        all waited 2 s) share a pass, and a lone timer is served on time."""
+        at = self._loop_time() + max(0.001, when - self.engine.now + 0.001)
+        self._maintain_at = min(self._maintain_at, max(at, self._maintained_at + MAINTAIN_GAP))
+
     def _loop_time(self) -> float:
         assert self._loop is not None
         return self._loop.time()

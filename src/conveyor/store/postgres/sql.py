@@ -104,11 +104,18 @@ FROM conveyor.queues q WHERE q.environment = %(env)s AND (%(name)s::text IS NULL
 ORDER BY q.name
 """
 
+# Queues named only by runs. One branch per status, each matching a partial index's predicate
+# (runs_claim, runs_running, runs_delayed), so only unfinished runs are read: `status IN (...)`
+# matched none of them and read the whole table (a parallel seq scan of 11M rows, 2 s, with 10M
+# finished runs: bench/pg_scale.py, docs/performance.md).
 QUEUES_FROM_RUNS = """
-SELECT queue, NULL::integer, false,
-    count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE status = 'EXECUTING'),
-    count(*) FILTER (WHERE status = 'DELAYED')
-FROM conveyor.runs WHERE environment = %(env)s AND status IN ('QUEUED', 'EXECUTING', 'DELAYED')
+SELECT queue, NULL::integer, false, sum(queued)::bigint, sum(running)::bigint, sum(delayed)::bigint
+FROM (
+    SELECT queue, 1 AS queued, 0 AS running, 0 AS delayed FROM conveyor.runs
+        WHERE environment = %(env)s AND status = 'QUEUED'
+    UNION ALL SELECT queue, 0, 1, 0 FROM conveyor.runs WHERE environment = %(env)s AND status = 'EXECUTING'
+    UNION ALL SELECT queue, 0, 0, 1 FROM conveyor.runs WHERE environment = %(env)s AND status = 'DELAYED'
+) AS live
 GROUP BY queue
 """
 
@@ -253,19 +260,23 @@ LEFT JOIN LATERAL (
 # cannot match to a partial index's predicate: it must find the rows by primary key, not scan
 # every QUEUED (runs_claim) or EXECUTING (runs_running) row to filter by id. With stale statistics
 # (a bulk insert not yet analyzed) it chose the scan, and each claim read the whole queue.
+# A run resumed from WAITING (`resume`) continues its attempt: same number, executed time kept,
+# one more segment; any other claim starts attempt n + 1 at segment 1.
 CLAIM_UPDATE = """
 UPDATE conveyor.runs SET status = 'EXECUTING', worker_id = %(worker_id)s, lease_token = %(token)s,
-    lease_expires_at = %(now)s + %(lease)s, attempt_count = attempt_count + 1,
+    lease_expires_at = %(now)s + %(lease)s, attempt_count = attempt_count + CASE WHEN resume THEN 0 ELSE 1 END,
     started_at = coalesce(started_at, %(now)s), expires_at = NULL, segment_started_at = %(now)s,
-    executed_seconds = 0, version = coalesce(version, %(version)s::text), event_seq = event_seq + 1,
-    updated_at = %(now)s
+    executed_seconds = CASE WHEN resume THEN executed_seconds ELSE 0 END,
+    segment = CASE WHEN resume THEN segment + 1 ELSE 1 END, resume = false,
+    version = coalesce(version, %(version)s::text), event_seq = event_seq + 1, updated_at = %(now)s
 WHERE id = ANY(%(ids)s::text[]) AND status || '' = 'QUEUED'
 RETURNING id, task_id, queue, payload::text, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
-    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at, segment
 """
 
-# CLAIM_UPDATE with the claimed runs' attempt rows and EXECUTING events in the same round trip.
+# CLAIM_UPDATE with the claimed runs' attempt rows and EXECUTING events in the same round trip. A
+# resumed segment continues its attempt row (same number, first start kept).
 CLAIM_START = (
     "WITH claimed AS ("
     + CLAIM_UPDATE.strip()
@@ -274,8 +285,7 @@ CLAIM_START = (
     INSERT INTO conveyor.attempts (run_id, number, worker_id, lease_token, status, started_at)
     SELECT id, attempt_count, %(worker_id)s, %(token)s, 'EXECUTING', %(now)s FROM claimed
     ON CONFLICT (run_id, number) DO UPDATE SET worker_id = excluded.worker_id,
-        lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL,
-        started_at = excluded.started_at, finished_at = NULL
+        lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL, finished_at = NULL
 ), events AS (
     INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
     SELECT id, event_seq, attempt_count, 'status', '{"status":"EXECUTING"}'::jsonb, %(now)s FROM claimed
@@ -289,13 +299,41 @@ SELECT * FROM claimed
 _SEGMENT = "executed_seconds = executed_seconds + greatest(0, %(now)s - coalesce(segment_started_at, %(now)s))"
 _UNLEASE = "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL"
 _SETTLE_GUARD = "WHERE id = %(id)s AND lease_token = %(token)s AND status = 'EXECUTING'"
-_SETTLE_RETURNING = "RETURNING event_seq, attempt_count, environment, task_id, idempotency_key"
+_SETTLE_RETURNING = "RETURNING event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment"
 
+
+def _wait_result(run: str, output: str) -> str:
+    """A finished run as the Result of the waits that target it (a waitpoint's output, JSON text):
+    {"ok": true, "run_id", "status", "output"} or {"ok": false, "run_id", "status", "error"}.
+    `run` names a row with id, status and error; `output` is its output as JSON text."""
+    ok = (
+        f"""'{{"ok":true,"run_id":' || to_json({run}.id)::text || ',"status":"COMPLETED","output":' """
+        f"|| coalesce({output}, 'null') || '}}'"
+    )
+    failed = f"json_build_object('ok', false, 'run_id', {run}.id, 'status', {run}.status, 'error', {run}.error)::text"
+    return f"CASE WHEN {run}.status = 'COMPLETED' THEN {ok} ELSE {failed} END"
+
+
+# A final status, and (same statement) the pending waitpoints that target the run complete with
+# its result. Their waiters are resumed later, in statements of their own (tx.py, "Durable waits").
+# `awaited`: a waitpoint may target the run that this statement's snapshot does not show (see
+# migration 0004); the caller then completes them again in a statement of its own.
 SETTLE_FINAL = f"""
-UPDATE conveyor.runs SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
-    finished_at = %(now)s, {_SEGMENT}, {_UNLEASE}, event_seq = event_seq + 1, updated_at = %(now)s
-{_SETTLE_GUARD}
-{_SETTLE_RETURNING}
+WITH settled AS (
+    UPDATE conveyor.runs SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
+        finished_at = %(now)s, {_SEGMENT}, {_UNLEASE}, event_seq = event_seq + 1, updated_at = %(now)s
+    {_SETTLE_GUARD}
+    RETURNING event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment,
+        awaited, id, status, output, error
+), done AS (
+    UPDATE conveyor.waitpoints p SET status = 'COMPLETED', completed_at = %(now)s,
+        output = {_wait_result("s", "s.output::text")}
+    FROM settled s WHERE p.target_run_id = s.id AND p.status = 'PENDING'
+    RETURNING p.id
+)
+SELECT event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment, awaited,
+    ARRAY(SELECT id FROM done)
+FROM settled
 """
 
 SETTLE_RETRY = f"""
@@ -305,31 +343,46 @@ UPDATE conveyor.runs SET status = 'QUEUED', error = %(error)s::jsonb, available_
 {_SETTLE_RETURNING}
 """
 
+# A released first segment gives its attempt back; a released resumed segment (segment > 1)
+# stays a resume: its attempt continues on the next claim (its executed time kept).
 SETTLE_RELEASE = f"""
-UPDATE conveyor.runs SET status = 'QUEUED', attempt_count = attempt_count - 1, {_UNLEASE},
-    event_seq = event_seq + 1, updated_at = %(now)s
+UPDATE conveyor.runs SET status = 'QUEUED',
+    attempt_count = attempt_count - CASE WHEN segment <= 1 THEN 1 ELSE 0 END, resume = segment > 1,
+    executed_seconds = executed_seconds
+        + CASE WHEN segment > 1 THEN greatest(0, %(now)s - coalesce(segment_started_at, %(now)s)) ELSE 0 END,
+    segment = CASE WHEN segment > 1 THEN segment - 1 ELSE 0 END,
+    {_UNLEASE}, event_seq = event_seq + 1, updated_at = %(now)s
 {_SETTLE_GUARD}
-RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
+RETURNING event_seq, attempt_count + CASE WHEN segment = 0 THEN 1 ELSE 0 END, environment, task_id,
+    idempotency_key, parent_id, segment
 """
 
 # The common case of a worker's exchange, all its COMPLETED outcomes in one round trip: the runs,
 # their attempts and their status events (a per-outcome loop cost three round trips per run and
-# bounded the drain). The data-modifying CTEs see `settled`, the rows this statement changed.
+# bounded the drain), and the waitpoints that target them (as SETTLE_FINAL). The data-modifying
+# CTEs see `settled`, the rows this statement changed. -> (run id, awaited, NULL) per settled
+# run, then (NULL, NULL, waitpoint id) per completed waitpoint.
 SETTLE_COMPLETED_MANY = f"""
 WITH settled AS (
     UPDATE conveyor.runs r SET status = 'COMPLETED', output = o.output::jsonb, error = NULL,
         finished_at = %(now)s, {_SEGMENT}, {_UNLEASE}, event_seq = r.event_seq + 1, updated_at = %(now)s
     FROM unnest(%(ids)s::text[], %(tokens)s::text[], %(outputs)s::text[]) AS o(id, token, output)
     WHERE r.id = o.id AND r.lease_token = o.token AND r.status || '' = 'EXECUTING'
-    RETURNING r.id, r.event_seq, r.attempt_count
+    RETURNING r.id, r.event_seq, r.attempt_count, r.awaited, r.status, r.error, o.output AS text_output
 ), finished AS (
     UPDATE conveyor.attempts a SET status = 'COMPLETED', error = NULL, finished_at = %(now)s
     FROM settled s WHERE a.run_id = s.id AND a.number = s.attempt_count
 ), events AS (
     INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
     SELECT id, event_seq, attempt_count, 'status', '{{"status":"COMPLETED"}}'::jsonb, %(now)s FROM settled
+), done AS (
+    UPDATE conveyor.waitpoints p SET status = 'COMPLETED', completed_at = %(now)s,
+        output = {_wait_result("s", "s.text_output")}
+    FROM settled s WHERE p.target_run_id = s.id AND p.status = 'PENDING'
+    RETURNING p.id
 )
-SELECT id FROM settled
+SELECT id, awaited, NULL FROM settled
+UNION ALL SELECT NULL, NULL, id FROM done
 """
 
 ATTEMPT_FINISH = """
@@ -423,7 +476,9 @@ SELECT min(t) FROM (
     UNION ALL SELECT min(available_at) FROM conveyor.runs
         WHERE status = 'QUEUED' AND attempt_count > 0 AND available_at > %(now)s
     UNION ALL SELECT min(expires_at) FROM conveyor.runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
-    UNION ALL SELECT min(lease_expires_at) FROM conveyor.runs WHERE status = 'EXECUTING') AS due
+    UNION ALL SELECT min(lease_expires_at) FROM conveyor.runs WHERE status = 'EXECUTING'
+    UNION ALL SELECT min(complete_at) FROM conveyor.waitpoints
+        WHERE status = 'PENDING' AND complete_at IS NOT NULL) AS due
 """
 
 # --- retention ----------------------------------------------------------------------------------
@@ -434,7 +489,9 @@ SELECT min(t) FROM (
 # Child rows go by `run_id = ANY(array)`: index probes whatever the planner guesses of `doomed`.
 # Key rows still pointing at a purged run have expired (NOT EXISTS above): they go too, unless a
 # trigger took the key over meanwhile (the DELETE re-checks run_id after waiting for its lock).
-_PURGE = """
+# Their links to waitpoints go too, and the completed waitpoints they created (a pending one may
+# still be waited for: a token another run waits on).
+PURGE = """
 WITH doomed AS (
     SELECT r.id, r.environment, r.task_id, r.idempotency_key, r.tags FROM conveyor.runs r
     WHERE r.finished_at < %(before)s
@@ -462,16 +519,18 @@ WITH doomed AS (
     DELETE FROM conveyor.run_events WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
 ), gone_logs AS (
     DELETE FROM conveyor.run_logs WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
-){steps}
+), gone_steps AS (
+    DELETE FROM conveyor.run_steps WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+), gone_waits AS (
+    DELETE FROM conveyor.run_waits WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
+), gone_waitpoints AS (
+    DELETE FROM conveyor.waitpoints p
+    WHERE p.created_by = ANY((SELECT ids FROM doomed_ids)::text[]) AND p.status = 'COMPLETED'
+      AND NOT EXISTS (SELECT 1 FROM conveyor.run_waits w JOIN conveyor.runs r ON r.id = w.run_id
+                      WHERE w.waitpoint_id = p.id AND r.finished_at IS NULL)
+)
 DELETE FROM conveyor.runs WHERE id IN (SELECT id FROM doomed)
 """
-PURGE = _PURGE.format(steps="")
-# With the step journal (migration 0002).
-PURGE_WITH_STEPS = _PURGE.format(
-    steps=""", gone_steps AS (
-    DELETE FROM conveyor.run_steps WHERE run_id = ANY((SELECT ids FROM doomed_ids)::text[])
-)"""
-)
 
 TABLE_EXISTS = "SELECT to_regclass(%(name)s) IS NOT NULL"
 
@@ -585,3 +644,228 @@ NOW = "SELECT extract(epoch from now())::float8"
 
 # Changes whenever any transaction in the cluster takes an id (cheap; the slow safety poll).
 CHANGE_TOKEN = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+
+# --- durable waits (how these statements meet under concurrency: tx.py, "Durable waits") ---------
+
+# A suspending run: WAITING (its executed time added up), its attempt and its event, in one round
+# trip. The caller resumes it in a later statement if nothing it waits for is pending.
+SETTLE_SUSPEND = f"""
+WITH settled AS (
+    UPDATE conveyor.runs SET status = 'WAITING', {_SEGMENT}, {_UNLEASE}, event_seq = event_seq + 1,
+        updated_at = %(now)s
+    {_SETTLE_GUARD}
+    {_SETTLE_RETURNING}, id, cancel_requested
+), waiting AS (
+    UPDATE conveyor.attempts a SET status = 'WAITING'
+    FROM settled s WHERE a.run_id = s.id AND a.number = s.attempt_count
+), events AS (
+    INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+    SELECT id, event_seq, attempt_count, 'status', '{{"status":"WAITING"}}'::jsonb, %(now)s FROM settled
+)
+SELECT event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment, cancel_requested
+FROM settled
+"""
+
+ATTEMPT_WAITING = "UPDATE conveyor.attempts SET status = 'WAITING' WHERE run_id = %(run_id)s AND number = %(number)s"
+
+# A wait request's fence: the run's lease, locked until commit, so the lease cannot be lost (or
+# the run canceled) between the check and the writes it guards.
+WAIT_LEASE = """
+SELECT environment FROM conveyor.runs WHERE id = %(run_id)s AND lease_token = %(token)s AND status = 'EXECUTING'
+    FOR NO KEY UPDATE
+"""
+
+_STEP_VALUES = "%(run_id)s, %(position)s, %(key)s, %(name)s, %(output)s, %(attempt)s, %(started_at)s, %(finished_at)s"
+_STEP_INSERT = "INSERT INTO conveyor.run_steps (run_id, position, key, name, output, attempt, started_at, finished_at)"
+_WAITPOINT_INSERT = """INSERT INTO conveyor.waitpoints (id, environment, kind, status, complete_at, target_run_id, tags,
+        created_by, created_at)
+    SELECT w.id, {env}, w.kind, 'PENDING', w.complete_at, w.target, w.tags::jsonb, %(created_by)s, %(now)s
+    FROM unnest(%(ids)s::text[], %(kinds)s::text[], %(complete_ats)s::float8[], %(targets)s::text[],
+                %(tags)s::text[]) AS w(id, kind, complete_at, target, tags)"""
+
+# Waitpoints made outside any run.
+WAITPOINT_INSERT = _WAITPOINT_INSERT.format(env="%(env)s")
+
+# A wait request that starts no run, in one round trip: the lease (WAIT_LEASE), and only under it
+# the journal row and the waitpoints. -> the run's environment; no row: the lease is gone.
+WAIT_WRITE_LEASED = f"""
+WITH lease AS (
+    {WAIT_LEASE.strip()}
+), step AS (
+    {_STEP_INSERT}
+    SELECT {_STEP_VALUES} FROM lease
+), created AS (
+    {_WAITPOINT_INSERT.format(env="(SELECT environment FROM lease)")}
+    WHERE EXISTS (SELECT 1 FROM lease)
+)
+SELECT environment FROM lease
+"""
+
+# The same after WAIT_LEASE (a request that starts runs: their ids are in the journal row).
+WAIT_WRITE = f"""
+WITH step AS (
+    {_STEP_INSERT}
+    VALUES ({_STEP_VALUES})
+)
+{_WAITPOINT_INSERT.format(env="%(env)s")}
+"""
+
+# An existing run that a new waitpoint targets (an idempotency key returned it): flagged under its
+# row lock (see migration 0004), and read in its newest version: finished or not. The NOWAIT form
+# is tried first: the caller may hold that run's idempotency key, which the run's own final
+# settle deletes after locking the run (tx.py, `_wait_apply`).
+_MARK_AWAITED = """
+UPDATE conveyor.runs SET awaited = true
+WHERE id IN (SELECT id FROM conveyor.runs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR NO KEY UPDATE{nowait})
+RETURNING id, finished_at IS NOT NULL
+"""
+MARK_AWAITED = _MARK_AWAITED.format(nowait="")
+MARK_AWAITED_NOWAIT = _MARK_AWAITED.format(nowait=" NOWAIT")
+
+# The run waits for these waitpoints. They are locked FOR SHARE first (in id order): a completion
+# (an UPDATE) that came before waits to commit first, so a later statement of this transaction
+# sees it; one that comes after waits for this transaction, and then sees this link.
+LINK_WAITS = """
+WITH w AS (
+    SELECT id FROM conveyor.waitpoints WHERE id = ANY(%(ids)s::text[]) AND environment = %(env)s
+    ORDER BY id FOR SHARE
+)
+INSERT INTO conveyor.run_waits (run_id, waitpoint_id) SELECT %(run_id)s, id FROM w ON CONFLICT DO NOTHING
+"""
+
+# The pending waitpoints that target finished runs complete with each run's result (a statement of
+# its own: its snapshot sees waitpoints created by transactions that committed meanwhile).
+COMPLETE_TARGETS = f"""
+UPDATE conveyor.waitpoints p SET status = 'COMPLETED', completed_at = %(now)s,
+    output = {_wait_result("r", "r.output::text")}
+FROM conveyor.runs r
+WHERE r.id = ANY(%(ids)s::text[]) AND r.finished_at IS NOT NULL AND p.target_run_id = r.id
+  AND p.status = 'PENDING'
+RETURNING p.id
+"""
+
+TOKEN_COMPLETE = """
+UPDATE conveyor.waitpoints SET status = 'COMPLETED', output = %(output)s, completed_at = %(now)s
+WHERE id = %(id)s AND environment = %(env)s AND kind = 'token' AND status = 'PENDING'
+RETURNING id
+"""
+
+TOKEN_EXISTS = "SELECT 1 FROM conveyor.waitpoints WHERE id = %(id)s AND environment = %(env)s AND kind = 'token'"
+
+# Maintenance: due times and tokens past their timeout; rows another transaction holds are left
+# to it (or to the next pass).
+WAITPOINTS_DUE = """
+UPDATE conveyor.waitpoints SET status = 'COMPLETED', completed_at = %(now)s,
+    output = CASE kind WHEN 'token' THEN %(timeout)s ELSE '{"ok":true}' END
+WHERE id IN (SELECT id FROM conveyor.waitpoints WHERE status = 'PENDING' AND complete_at IS NOT NULL
+             AND complete_at <= %(now)s ORDER BY complete_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+  AND status = 'PENDING'
+RETURNING id
+"""
+
+# The WAITING runs that wait for these (completed) waitpoints, locked in id order. The resume
+# check runs in a later statement: it sees every completion committed by an earlier holder.
+LOCK_WAITERS = """
+SELECT r.id FROM conveyor.runs r
+WHERE r.id IN (SELECT run_id FROM conveyor.run_waits WHERE waitpoint_id = ANY(%(ids)s::text[]))
+  AND r.status = 'WAITING'
+ORDER BY r.id
+FOR UPDATE OF r
+"""
+
+# Runs among `ids` (locked by the caller) that wait for nothing pending any more: queued again,
+# flagged so that the claim continues their attempt; their sort key is kept (DECISIONS.md).
+RESUME_READY = """
+WITH resumed AS (
+    UPDATE conveyor.runs r SET status = 'QUEUED', resume = true, event_seq = r.event_seq + 1, updated_at = %(now)s
+    WHERE r.id = ANY(%(ids)s::text[]) AND r.status = 'WAITING'
+      AND NOT EXISTS (SELECT 1 FROM conveyor.run_waits w JOIN conveyor.waitpoints p ON p.id = w.waitpoint_id
+                      WHERE w.run_id = r.id AND p.status = 'PENDING')
+    RETURNING r.id, r.event_seq, r.attempt_count, r.queue
+), events AS (
+    INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+    SELECT id, event_seq, attempt_count, 'status', '{"status":"QUEUED"}'::jsonb, %(now)s FROM resumed
+)
+SELECT id, queue FROM resumed
+"""
+
+# Cancel: the run, the unfinished runs it waits for (trigger_and_wait children) and theirs, and
+# every run waiting for one of those: all that a cancel cascade may lock. -> (id, depth): 0 for
+# the run, n for its waited descendants n levels down (the longest way), -1 for the other waiters.
+CANCEL_SCOPE = """
+WITH RECURSIVE tree(id, depth) AS (
+    SELECT %(id)s::text, 0
+  UNION
+    SELECT p.target_run_id, t.depth + 1 FROM tree t
+    JOIN conveyor.run_waits w ON w.run_id = t.id
+    JOIN conveyor.waitpoints p ON p.id = w.waitpoint_id
+    WHERE p.kind = 'run' AND p.status = 'PENDING' AND t.depth < 64
+)
+SELECT id, max(depth) FROM (
+    SELECT id, depth FROM tree
+    UNION ALL
+    SELECT w.run_id, -1 FROM conveyor.waitpoints p JOIN conveyor.run_waits w ON w.waitpoint_id = p.id
+    WHERE p.target_run_id IN (SELECT id FROM tree) AND p.status = 'PENDING'
+) scope
+GROUP BY id
+"""
+
+# Runs locked in the order given.
+LOCK_RUNS = """
+SELECT r.id FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS o(id, n) JOIN conveyor.runs r ON r.id = o.id
+ORDER BY o.n
+FOR UPDATE OF r
+"""
+LOCK_RUNS_NOWAIT = LOCK_RUNS.rstrip() + " NOWAIT\n"
+
+CHILDREN_WAITED = """
+SELECT p.target_run_id FROM conveyor.run_waits w JOIN conveyor.waitpoints p ON p.id = w.waitpoint_id
+WHERE w.run_id = %(run_id)s AND p.kind = 'run' AND p.status = 'PENDING'
+ORDER BY p.target_run_id
+"""
+
+WAITPOINT_GET = """
+SELECT id, kind, status, output, target_run_id FROM conveyor.waitpoints WHERE id = %(id)s AND environment = %(env)s
+"""
+
+JOURNAL_WAITS = """
+SELECT p.id, p.kind, p.status, p.output, p.target_run_id FROM conveyor.run_waits w
+JOIN conveyor.waitpoints p ON p.id = w.waitpoint_id WHERE w.run_id = %(run_id)s
+"""
+
+# --- streams and realtime reads -----------------------------------------------------------------
+
+# Stream chunks: each group (a run and its lease token) bumps its run's event_seq once by its
+# chunk count, under the lease; its chunks become events numbered in input order. -> the
+# accepted groups (their ordinality, 1-based).
+STREAM_APPEND = """
+WITH bumped AS (
+    UPDATE conveyor.runs r SET event_seq = r.event_seq + i.n, updated_at = %(now)s
+    FROM unnest(%(run_ids)s::text[], %(tokens)s::text[], %(counts)s::integer[])
+         WITH ORDINALITY AS i(run_id, token, n, g)
+    WHERE r.id = i.run_id AND r.lease_token = i.token AND r.status || '' = 'EXECUTING'
+    RETURNING i.g, r.event_seq - i.n AS base
+), events AS (
+    INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
+    SELECT c.run_id, b.base + c.k, c.attempt, 'stream',
+           jsonb_build_object('key', c.key, 'chunk', c.data::jsonb), c.ts
+    FROM unnest(%(c_groups)s::bigint[], %(c_ks)s::integer[], %(c_run_ids)s::text[], %(c_attempts)s::integer[],
+                %(c_keys)s::text[], %(c_data)s::text[], %(c_ts)s::float8[])
+         AS c(g, k, run_id, attempt, key, data, ts)
+    JOIN bumped b ON b.g = c.g
+)
+SELECT g FROM bumped
+"""
+
+# subscribe_tag: the tag's runs from a run id on (ids sort by creation time; the primary key
+# of run_tags is the range), plus the runs a subscriber follows, by id.
+_TAG_RUNS = """
+SELECT r.id, r.event_seq, r.status FROM conveyor.run_tags t JOIN conveyor.runs r ON r.id = t.run_id
+WHERE t.environment = %(env)s AND t.tag = %(tag)s AND {window}
+UNION
+SELECT id, event_seq, status FROM conveyor.runs WHERE environment = %(env)s AND id = ANY(%(ids)s::text[])
+ORDER BY 1
+"""
+RUN_TAG_WINDOW = _TAG_RUNS.format(window="t.run_id >= %(min_id)s")
+# Once per subscription: also every unfinished run of the tag (the whole tag's range).
+RUN_TAG_UNFINISHED = _TAG_RUNS.format(window="(t.run_id >= %(min_id)s OR r.finished_at IS NULL)")

@@ -14,6 +14,45 @@ transaction (READ COMMITTED):
   comes from in its own WHERE clause.
 - Heartbeat: its row locks all at once or none (NOWAIT under a savepoint, retried), so it
   never deadlocks with its worker's exchange, which locks the same rows in another order.
+
+Durable waits. A run P waits for waitpoints W (run_waits); it must be queued again exactly when
+it is WAITING and none of them is PENDING. SQLite checks that under its single writer; here a
+suspension and the completions of P's waitpoints run in different transactions, and a check
+that reads the others' rows before they commit loses the resume (P WAITING, nothing pending).
+Two kinds of lock close that gap; each check runs in a statement that starts after its lock
+was granted, so under READ COMMITTED it sees everything the previous holder committed:
+
+1. A suspension against a completion, on the waitpoint row. A completion is an UPDATE of W
+   (row lock until commit). A suspension locks every W it waits for FOR SHARE in the statement
+   that links them (LINK_WAITS), and checks for pending ones in a later statement. If the
+   completion came first, the share lock waits for it to commit, and the check sees W completed.
+   If the suspension came first, the completion's UPDATE waits for the suspension to commit, and
+   the completion looks for W's waiters in a later statement, which sees the link. Waitpoints
+   created by the suspension itself (a child's, a timer) are invisible to others until it
+   commits, so the same holds.
+2. Two completions of P's waitpoints against each other (two children finishing at once on two
+   workers), on the waiter's row. After completing its waitpoints, a transaction locks their
+   WAITING waiters FOR UPDATE in one statement, in id order (LOCK_WAITERS), and only then, in a
+   later statement, queues those that wait for nothing pending (RESUME_READY). The second to
+   take P's lock sees the first one's completion: the last completion resumes P.
+
+A child C is found done in a statement that may have waited for C's row lock, so its snapshot
+may miss a waitpoint created meanwhile by the holder. Only one kind of holder creates such a
+waitpoint: a wait that an idempotency key gave an existing, unfinished C. It flags C
+(`awaited`, migration 0004) under C's lock; the settle reads the flag from C's newest version
+and completes C's waitpoints again in a statement of its own (COMPLETE_TARGETS).
+
+Lock order, so that these locks cannot deadlock: the runs a transaction finishes, suspends or
+cancels; then waitpoints (completed, or FOR SHARE by a suspension); then the WAITING waiters, all
+at once in id order, at the end (an exchange's settles, a maintenance pass: one LOCK_WAITERS for
+all of them). Waiters are the parents of the finished runs, so this locks children before parents.
+A cancel cascade goes the other way (the parent first, then each child), so a cancel takes every
+run it may touch (the run, the unfinished runs it waits for and theirs, and everything waiting for
+any of them: CANCEL_SCOPE) all at once, NOWAIT under a savepoint and retried like the heartbeat:
+it never waits holding a parent for a child whose settle waits for that parent (still busy after a
+second: it waits for them one by one, deepest first, the settles' order). The claim comes
+last in an exchange (queue rows; candidates SKIP LOCKED), as before, and no transaction waits for
+anything after taking a queue's lock. Maintenance takes its runs and due waitpoints SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -35,10 +74,12 @@ from conveyor.core.records import (
     ClaimedRun,
     ClaimRequest,
     HeartbeatResult,
+    Journal,
     LogLine,
     MaintenanceResult,
     MetadataOp,
     NewRun,
+    NewWaitpoint,
     Outcome,
     OutcomeKind,
     QueueInfo,
@@ -47,7 +88,10 @@ from conveyor.core.records import (
     RunEvent,
     RunFilter,
     StepRecord,
+    StreamChunk,
     TaskRecord,
+    WaitRequest,
+    WaitState,
     WorkerInfo,
 )
 from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
@@ -61,6 +105,8 @@ if TYPE_CHECKING:
 _STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
 _DEFAULT_KEY_TTL = 30 * 86400.0
 _RENEW_PATIENCE = 2.0  # seconds the heartbeat retries its all-or-none row locks
+_LOCK_PATIENCE = 2.0  # the same for a wait on an existing run
+_CANCEL_PATIENCE = 1.0  # and for a cancel's runs, before it waits for them one by one
 
 
 def _dumps(value: Any) -> str | None:
@@ -78,6 +124,10 @@ def _row_to_run(row: Sequence[Any]) -> Run:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _wait_state(row: Sequence[Any]) -> WaitState:
+    return WaitState(row[0], row[1], row[2], None if row[3] is None else json.loads(row[3]), row[4])
 
 
 class PostgresTx(Tx):
@@ -102,6 +152,13 @@ class PostgresTx(Tx):
         self._notified: set[tuple[str, str]] = set()
         self._notifies = notifies
         self._holds_queue_lock = False
+        # Durable waits: queues of the runs this transaction resumed (the engine wakes workers for
+        # them), waitpoints it completed whose waiters are not resumed yet, and the runs a cancel
+        # of this transaction locked at once.
+        self.resumed_queues: set[str] = set()
+        self.cancel_pending: list[str] = []
+        self._completed: list[str] = []
+        self._cancel_scope: set[str] = set()
 
     # --- plumbing -----------------------------------------------------------------------------
     @property
@@ -482,7 +539,8 @@ class PostgresTx(Tx):
     # --- runs: settle ---------------------------------------------------------------------------
     def run_settle_many(self, environment: str, outcomes: Sequence[Outcome]) -> list[bool]:
         # COMPLETED outcomes (the bulk of a busy worker's exchange) in one statement; the rest,
-        # and a run named twice, one by one.
+        # and a run named twice, one by one. The waiters of the waitpoints they complete are
+        # locked and resumed once, at the end ("Durable waits" above).
         done: dict[str, Outcome] = {}
         for o in outcomes:
             if o.kind == OutcomeKind.COMPLETED:
@@ -497,15 +555,31 @@ class PostgresTx(Tx):
                     "outputs": [o.output for o in done.values()],
                 },
             )
-            accepted = {r[0] for r in rows}
+            awaited = []
+            for run_id, late, waitpoint_id in rows:
+                if run_id is None:
+                    self._completed.append(waitpoint_id)
+                    continue
+                accepted.add(run_id)
+                if late:
+                    awaited.append(run_id)
+            if awaited:
+                self._complete_targets(awaited)
         else:
             done = {}
         results = []
+        suspended = []
         for o in outcomes:
             if done.get(o.run_id) is o:
                 results.append(o.run_id in accepted)
             else:
-                results.append(self._settle(o, attempt_status=None))
+                ok = self._settle(o, attempt_status=None)
+                results.append(ok)
+                if ok and o.kind == OutcomeKind.SUSPENDED:
+                    suspended.append(o.run_id)
+        # A suspended run may wait for nothing pending (a fast child, an early token): resumed
+        # here, in a statement after the one that locked its waitpoints (LINK_WAITS).
+        self._resume_completed(own=suspended)
         return results
 
     def _settle(self, o: Outcome, attempt_status: str | None) -> bool:
@@ -524,13 +598,31 @@ class PostgresTx(Tx):
         elif o.kind == OutcomeKind.RELEASED:
             status = RunStatus.QUEUED
             row = self._one(q.SETTLE_RELEASE, guard)
+        elif o.kind == OutcomeKind.SUSPENDED:
+            status = RunStatus.WAITING
+            # The waits first: their journal rows are fenced by the lease (locked by the first
+            # one), like the suspension.
+            for request in o.waits:
+                self._wait_apply(request, o.lease_token)
+            row = self._one(q.SETTLE_SUSPEND, guard)
         else:
             raise ValueError(f"unknown outcome kind {o.kind!r}")
         if row is None:
             return False
-        seq, attempt, environment, task_id, idem = row
-        if o.kind == OutcomeKind.RELEASED:
+        seq, attempt, environment, task_id, idem, _parent_id, segment = row[:7]
+        if o.kind == OutcomeKind.SUSPENDED:
+            if row[7]:  # canceled while it was suspending: the engine cancels it and what it waits for
+                self.cancel_pending.append(o.run_id)
+            return True  # SETTLE_SUSPEND wrote the attempt and the event
+        if len(row) > 7:  # SETTLE_FINAL: the waitpoints that targeted the run are completed
+            awaited, completed = row[7], row[8]
+            self._completed.extend(completed)
+            if awaited:
+                self._complete_targets([o.run_id])
+        if o.kind == OutcomeKind.RELEASED and segment == 0:
             self._exec(q.ATTEMPT_DELETE, {"run_id": o.run_id, "number": attempt})
+        elif o.kind == OutcomeKind.RELEASED:  # a resumed segment: its attempt goes on
+            self._exec(q.ATTEMPT_WAITING, {"run_id": o.run_id, "number": attempt})
         else:
             if attempt_status is None:
                 attempt_status = (
@@ -585,7 +677,10 @@ class PostgresTx(Tx):
 
     # --- runs: cancel, reschedule ---------------------------------------------------------------
     def run_cancel(self, environment: str, run_id: str) -> CancelResult:
-        # Locked: no claim or settle can change its status between the read and the update.
+        # The runs a cancel cascade may lock, all at once ("Durable waits" above); then the run is
+        # locked: no claim or settle can change its status between the read and the update.
+        if run_id not in self._cancel_scope:
+            self._lock_cancel_scope(run_id)
         row = self._one(q.RUN_GET_FOR_UPDATE, {"id": run_id, "env": environment})
         if row is None:
             raise RunNotFound(f"no run {run_id} in environment {environment!r}")
@@ -610,6 +705,9 @@ class PostgresTx(Tx):
                 "data": _STATUS_EVENT[RunStatus.CANCELED],
             },
         )
+        # The waits for it are over (its parent's trigger_and_wait): a statement of its own.
+        self._complete_targets([run_id])
+        self._resume_completed()
         updated = self.run_get(environment, run_id)
         assert updated is not None
         return CancelResult(run=updated, stopping=False)
@@ -647,6 +745,13 @@ class PostgresTx(Tx):
             if idem is not None:
                 self._free_key(env, task_id, idem, run_id)
         result.expired = len(expired)
+        if expired:  # the waits for them are over
+            self._complete_targets([r[0] for r in expired])
+
+        # Waits that end by time: due timers, and tokens past their timeout.
+        self._completed.extend(
+            r[0] for r in self._all(q.WAITPOINTS_DUE, {"timeout": common.TOKEN_TIMEOUT, "limit": limit})
+        )
 
         lost = self._all(q.LEASES_LOST, {"limit": limit})
         for run_id, token, attempt, max_attempts, retry, cancel_requested, queue, _env in lost:
@@ -657,6 +762,10 @@ class PostgresTx(Tx):
                 result.recovered += 1
                 result.changed_queues.add(queue)
 
+        # The waiters of every waitpoint completed above, locked at once (one id order).
+        result.resumed = self._resume_completed()
+        result.changed_queues.update(self.resumed_queues)
+
         if since is not None:
             result.became_due = int(self._one(q.BECAME_DUE, {"since": float(since)})[0])
         result.next_due = self._one(q.NEXT_DUE)[0]
@@ -664,9 +773,194 @@ class PostgresTx(Tx):
 
     # --- retention ------------------------------------------------------------------------------
     def run_purge(self, before: float, limit: int = 500) -> int:
-        steps = self._one(q.TABLE_EXISTS, {"name": f'"{self.schema}".run_steps'})[0]
-        cur = self._exec(q.PURGE_WITH_STEPS if steps else q.PURGE, {"before": float(before), "limit": int(limit)})
+        cur = self._exec(q.PURGE, {"before": float(before), "limit": int(limit)})
         return max(cur.rowcount, 0)
+
+    # --- durable waits --------------------------------------------------------------------------
+    def wait_apply(self, request: WaitRequest, lease_token: str) -> list[str] | None:
+        started = self._wait_apply(request, lease_token)
+        self._resume_completed()
+        return started
+
+    def _wait_apply(self, req: WaitRequest, lease_token: str) -> list[str] | None:
+        """The journal row, the children, the waitpoints and the links of one wait call, only
+        while the run's lease matches (locked until commit). Waiters of what it completes are
+        left to the caller (`_resume_completed`)."""
+        st = req.step
+        if not req.runs:  # the lease, the journal row and the waitpoints: one round trip
+            row = self._one(
+                q.WAIT_WRITE_LEASED,
+                {
+                    **self._step_params(st, st.output),
+                    "token": lease_token,
+                    **self._waitpoint_params(req.create, [], st.run_id),
+                },
+            )
+            if row is None:
+                return None
+            self._link(req, row[0])
+            return []
+        row = self._one(q.WAIT_LEASE, {"run_id": st.run_id, "token": lease_token})
+        if row is None:
+            return None
+        environment = row[0]
+        if not any(run.idempotency_key is not None for run in req.runs):
+            return self._apply_request(environment, req, nowait=False)
+        # A key may give an existing run, which is then locked (MARK_AWAITED) while this
+        # transaction holds the key: that run's final settle locks the run, then deletes the key
+        # (FAILED and the like free it). So: try without waiting, and on a busy run let go of
+        # everything since the savepoint (the key too), as the heartbeat does.
+        deadline = time.monotonic() + _LOCK_PATIENCE
+        pause = 0.002
+        while time.monotonic() < deadline:
+            self.conn.execute("SAVEPOINT conveyor_wait")
+            try:
+                started = self._apply_request(environment, req, nowait=True)
+            except pgerrors.LockNotAvailable:
+                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_wait")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            self.conn.execute("RELEASE SAVEPOINT conveyor_wait")
+            return started
+        return self._apply_request(environment, req, nowait=False)
+
+    def _apply_request(self, environment: str, req: WaitRequest, nowait: bool) -> list[str]:
+        """A wait request that starts runs, after WAIT_LEASE."""
+        st = req.step
+        children = self.run_insert_many(environment, req.runs)
+        output = json.dumps({**json.loads(st.output), "runs": [run_id for run_id, _ in children]})
+        targets = [target for target, _ in children]
+        self._exec(
+            q.WAIT_WRITE,
+            {
+                **self._step_params(st, output),
+                "env": environment,
+                **self._waitpoint_params(req.create, targets, st.run_id),
+            },
+        )
+        # The kind "run" waitpoint at index i targets runs[i]; an idempotency key may have given
+        # an existing run, which may be done already.
+        existing = sorted({target for target, created in children if not created})
+        if existing:
+            marked = self._all(q.MARK_AWAITED_NOWAIT if nowait else q.MARK_AWAITED, {"ids": existing})
+            finished = [run_id for run_id, done in marked if done]
+            if finished:
+                self._complete_targets(finished)
+        self._link(req, environment)
+        return [run_id for run_id, _ in children]
+
+    def _link(self, req: WaitRequest, environment: str) -> None:
+        if req.wait_on:
+            self._exec(q.LINK_WAITS, {"run_id": req.step.run_id, "ids": list(req.wait_on), "env": environment})
+
+    @staticmethod
+    def _step_params(st: StepRecord, output: str) -> dict[str, Any]:
+        return {
+            "run_id": st.run_id,
+            "position": st.position,
+            "key": st.key,
+            "name": st.name,
+            "output": output,
+            "attempt": st.attempt,
+            "started_at": st.started_at,
+            "finished_at": st.finished_at,
+        }
+
+    @staticmethod
+    def _waitpoint_params(
+        waitpoints: Sequence[NewWaitpoint], targets: Sequence[str], created_by: str | None
+    ) -> dict[str, Any]:
+        """WAITPOINT_INSERT's arrays; the kind "run" waitpoints take `targets` in order."""
+        pending = iter(targets)
+        return {
+            "created_by": created_by,
+            "ids": [w.id for w in waitpoints],
+            "kinds": [w.kind for w in waitpoints],
+            "complete_ats": [None if w.complete_at is None else float(w.complete_at) for w in waitpoints],
+            "targets": [next(pending) if w.kind == "run" else None for w in waitpoints],
+            "tags": [_dumps(w.tags) if w.tags else None for w in waitpoints],
+        }
+
+    def _complete_targets(self, run_ids: Sequence[str]) -> None:
+        """Finished runs: the pending waitpoints that target them complete with their results
+        (a statement of its own); their waiters wait for `_resume_completed`."""
+        self._completed.extend(r[0] for r in self._all(q.COMPLETE_TARGETS, {"ids": list(run_ids)}))
+
+    def _resume_completed(self, own: Sequence[str] = ()) -> int:
+        """Lock the WAITING runs that wait for the waitpoints this transaction completed (one
+        statement, id order), then, in a later statement, queue again those of them (and of
+        `own`, runs this transaction holds already) that wait for nothing pending. -> resumed."""
+        ids = list(own)
+        if self._completed:
+            completed, self._completed = self._completed, []
+            ids += [r[0] for r in self._all(q.LOCK_WAITERS, {"ids": completed}) if r[0] not in ids]
+        if not ids:
+            return 0
+        rows = self._all(q.RESUME_READY, {"ids": ids})
+        self.resumed_queues.update(r[1] for r in rows)
+        return len(rows)
+
+    def _lock_cancel_scope(self, run_id: str) -> None:
+        """Lock every run the cancel of `run_id` may lock: the run, the unfinished runs it waits
+        for and theirs (the cascade), and the runs waiting for any of those (their waits end).
+        All at once, NOWAIT under a savepoint, let go of and tried again while one is busy, as
+        the heartbeat does: the cascade goes from parents to children, the other way round from
+        a settle, so it must never wait holding a parent. Checked again once held: the scope
+        cannot grow while it is locked (only an EXECUTING run of it adds children, and its
+        suspension needs its row). Still busy after a while: wait for each in turn, children
+        before parents (deepest first), the order of every settle."""
+        deadline = time.monotonic() + _CANCEL_PATIENCE
+        pause = 0.002
+        while time.monotonic() < deadline:
+            self.conn.execute("SAVEPOINT conveyor_cancel")
+            try:
+                scope = self._cancel_scope_of(run_id)
+                self._all(q.LOCK_RUNS_NOWAIT, {"ids": scope})
+                again = self._cancel_scope_of(run_id)
+            except pgerrors.LockNotAvailable:
+                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_cancel")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            if set(again) <= set(scope):
+                self.conn.execute("RELEASE SAVEPOINT conveyor_cancel")
+                self._cancel_scope.update(scope)
+                return
+            self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_cancel")
+        scope = self._cancel_scope_of(run_id)
+        self._all(q.LOCK_RUNS, {"ids": scope})
+        self._cancel_scope.update(scope)
+
+    def _cancel_scope_of(self, run_id: str) -> list[str]:
+        """CANCEL_SCOPE, deepest first (then by id)."""
+        rows = self._all(q.CANCEL_SCOPE, {"id": run_id})
+        return [r[0] for r in sorted(rows, key=lambda r: (-r[1], r[0]))]
+
+    def waitpoint_create(self, environment: str, waitpoints: Sequence[NewWaitpoint]) -> None:
+        self._ensure_environment(environment)
+        if waitpoints:
+            self._exec(q.WAITPOINT_INSERT, {"env": environment, **self._waitpoint_params(waitpoints, [], None)})
+
+    def waitpoint_get(self, environment: str, waitpoint_id: str) -> WaitState | None:
+        row = self._one(q.WAITPOINT_GET, {"id": waitpoint_id, "env": environment})
+        return None if row is None else _wait_state(row)
+
+    def token_complete(self, environment: str, token_id: str, output: str) -> bool | None:
+        # The UPDATE takes the token's row lock (after any suspension holding it FOR SHARE has
+        # committed); the waiters are read and locked in later statements.
+        if self._one(q.TOKEN_COMPLETE, {"output": output, "id": token_id, "env": environment}) is not None:
+            self._completed.append(token_id)
+            self._resume_completed()
+            return True
+        return None if self._one(q.TOKEN_EXISTS, {"id": token_id, "env": environment}) is None else False
+
+    def journal(self, run_id: str) -> Journal:
+        waits = {r[0]: _wait_state(r) for r in self._all(q.JOURNAL_WAITS, {"run_id": run_id})}
+        return Journal(self.step_list(run_id), waits)
+
+    def run_children_waited(self, run_id: str) -> list[str]:
+        return [r[0] for r in self._all(q.CHILDREN_WAITED, {"run_id": run_id})]
 
     # --- reads ----------------------------------------------------------------------------------
     def run_get(self, environment: str, run_id: str) -> Run | None:
@@ -687,11 +981,11 @@ class PostgresTx(Tx):
             where.append("status = ANY(%(statuses)s::text[])")
             params["statuses"] = [RunStatus(s).value for s in flt.status]
         if flt.tags:
-            where.append(
-                "id IN (SELECT run_id FROM conveyor.run_tags WHERE environment = %(env)s "
-                "AND tag = ANY(%(tags)s::text[]))"
-            )
-            params["tags"] = list(flt.tags)
+            # One tag (the common case) with `=`: the run_tags index then yields its runs in id
+            # order, newest first, without reading other runs; `= ANY(array)` cannot.
+            match = "tag = %(tag)s" if len(flt.tags) == 1 else "tag = ANY(%(tags)s::text[])"
+            where.append(f"id IN (SELECT run_id FROM conveyor.run_tags WHERE environment = %(env)s AND {match})")
+            params["tags"], params["tag"] = list(flt.tags), flt.tags[0]
         for column, value, op in (
             ("created_at", flt.created_after, ">"),
             ("created_at", flt.created_before, "<"),
@@ -817,6 +1111,51 @@ class PostgresTx(Tx):
             found = self._one(q.METADATA_READ.format(guard=guard), guard_params)
             return None if found is None else (found[0] or {})
         return row[0] or {}
+
+    # --- streams and realtime reads --------------------------------------------------------------
+    def stream_append_many(self, chunks: Sequence[StreamChunk]) -> list[bool]:
+        if not chunks:
+            return []
+        # One group per run (and lease token), in first-appearance order; chunks keep theirs.
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            groups.setdefault((chunk.run_id, chunk.lease_token), []).append(i)
+        members = list(groups.values())
+        flat = [(g, k, i) for g, indexes in enumerate(members, 1) for k, i in enumerate(indexes, 1)]
+        rows = self._all(
+            q.STREAM_APPEND,
+            {
+                "run_ids": [run_id for run_id, _ in groups],
+                "tokens": [token for _, token in groups],
+                "counts": [len(indexes) for indexes in members],
+                "c_groups": [g for g, _, _ in flat],
+                "c_ks": [k for _, k, _ in flat],
+                "c_run_ids": [chunks[i].run_id for _, _, i in flat],
+                "c_attempts": [chunks[i].attempt or None for _, _, i in flat],
+                "c_keys": [chunks[i].key for _, _, i in flat],
+                "c_data": [chunks[i].data for _, _, i in flat],
+                "c_ts": [float(chunks[i].ts) for _, _, i in flat],
+            },
+        )
+        accepted = [False] * len(chunks)
+        for (g,) in rows:
+            for i in members[g - 1]:
+                accepted[i] = True
+        return accepted
+
+    def run_tag_seqs(
+        self,
+        environment: str,
+        tag: str,
+        min_id: str = "",
+        run_ids: Sequence[str] = (),
+        unfinished: bool = False,
+    ) -> list[tuple[str, int, str]]:
+        rows = self._all(
+            q.RUN_TAG_UNFINISHED if unfinished else q.RUN_TAG_WINDOW,
+            {"env": environment, "tag": tag, "min_id": min_id, "ids": list(run_ids)},
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # --- workers --------------------------------------------------------------------------------
     def worker_register(self, worker: WorkerInfo) -> None:

@@ -20,10 +20,12 @@ from conveyor.core.records import (
     ClaimedRun,
     ClaimRequest,
     HeartbeatResult,
+    Journal,
     LogLine,
     MaintenanceResult,
     MetadataOp,
     NewRun,
+    NewWaitpoint,
     Outcome,
     OutcomeKind,
     QueueInfo,
@@ -32,7 +34,10 @@ from conveyor.core.records import (
     RunEvent,
     RunFilter,
     StepRecord,
+    StreamChunk,
     TaskRecord,
+    WaitRequest,
+    WaitState,
     WorkerInfo,
 )
 from conveyor.core.status import FREES_IDEMPOTENCY_KEY, RunStatus
@@ -69,13 +74,14 @@ LIMIT ?10
 
 CLAIM_UPDATE = """
 UPDATE runs SET status = 'EXECUTING', worker_id = ?1, lease_token = ?2, lease_expires_at = ?3,
-    attempt_count = attempt_count + 1, started_at = coalesce(started_at, ?4), expires_at = NULL,
-    segment_started_at = ?4, executed_seconds = 0, version = coalesce(version, ?5),
+    attempt_count = attempt_count + 1 - resume, started_at = coalesce(started_at, ?4), expires_at = NULL,
+    segment_started_at = ?4, executed_seconds = executed_seconds * resume, version = coalesce(version, ?5),
+    segment = CASE WHEN resume = 1 THEN segment + 1 ELSE 1 END, resume = 0,
     event_seq = event_seq + 1, updated_at = ?4
 WHERE id IN (SELECT value FROM json_each(?6)) AND status = 'QUEUED'
 RETURNING id, task_id, queue, payload, attempt_count, max_attempts, retry, max_duration,
     executed_seconds, tags, metadata, concurrency_key, idempotency_key, machine, version,
-    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at
+    parent_id, root_id, batch_id, created_at, started_at, event_seq, sort_key, segment_started_at, segment
 """
 
 # Finishing an execution segment: the lease must still match. ?1 now.
@@ -85,7 +91,7 @@ UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?1,
     worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
     event_seq = event_seq + 1, updated_at = ?1
 WHERE id = ?5 AND lease_token = ?6 AND status = 'EXECUTING'
-RETURNING event_seq, attempt_count, environment, task_id, idempotency_key
+RETURNING event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment
 """
 
 SETTLE_RETRY = """
@@ -94,16 +100,46 @@ UPDATE runs SET status = 'QUEUED', error = ?2, available_at = ?3, sort_key = ?3 
     worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
     event_seq = event_seq + 1, updated_at = ?1
 WHERE id = ?4 AND lease_token = ?5 AND status = 'EXECUTING'
-RETURNING event_seq, attempt_count, environment, task_id, idempotency_key
+RETURNING event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment
 """
 
+# A released first segment gives its attempt back; a released resumed segment (segment > 1)
+# stays a resume: its attempt continues on the next claim.
 SETTLE_RELEASE = """
-UPDATE runs SET status = 'QUEUED', attempt_count = attempt_count - 1,
+UPDATE runs SET status = 'QUEUED', attempt_count = attempt_count - (segment <= 1), resume = (segment > 1),
+    executed_seconds = executed_seconds
+        + CASE WHEN segment > 1 THEN max(0, ?1 - coalesce(segment_started_at, ?1)) ELSE 0 END,
+    segment = CASE WHEN segment > 1 THEN segment - 1 ELSE 0 END,
     worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
     event_seq = event_seq + 1, updated_at = ?1
 WHERE id = ?2 AND lease_token = ?3 AND status = 'EXECUTING'
-RETURNING event_seq, attempt_count + 1, environment, task_id, idempotency_key
+RETURNING event_seq, attempt_count + (segment = 0), environment, task_id, idempotency_key, parent_id, segment
 """
+
+SETTLE_SUSPEND = """
+UPDATE runs SET status = 'WAITING',
+    executed_seconds = executed_seconds + max(0, ?1 - coalesce(segment_started_at, ?1)),
+    worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, segment_started_at = NULL,
+    event_seq = event_seq + 1, updated_at = ?1
+WHERE id = ?2 AND lease_token = ?3 AND status = 'EXECUTING'
+RETURNING event_seq, attempt_count, environment, task_id, idempotency_key, parent_id, segment, cancel_requested
+"""
+
+# Runs among ?2 (a JSON array of run ids) that wait for nothing pending any more: queued again,
+# flagged so that the claim continues their attempt. Their sort key is kept (DECISIONS.md).
+RESUME_READY = """
+UPDATE runs SET status = 'QUEUED', resume = 1, event_seq = event_seq + 1, updated_at = ?1
+WHERE id IN (SELECT value FROM json_each(?2)) AND status = 'WAITING'
+  AND NOT EXISTS (SELECT 1 FROM run_waits w JOIN waitpoints p ON p.id = w.waitpoint_id
+                  WHERE w.run_id = runs.id AND p.status = 'PENDING')
+RETURNING id, event_seq, attempt_count, queue
+"""
+
+WAITPOINT_INSERT = """
+INSERT INTO waitpoints (id, environment, kind, status, complete_at, target_run_id, tags, created_by, created_at)
+VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?, ?)
+"""
+
 
 FINISH_ATTEMPT = "UPDATE attempts SET status = ?, error = ?, finished_at = ? WHERE run_id = ? AND number = ?"
 
@@ -134,6 +170,14 @@ def _json_path(key: str) -> str:
     return f'$."{key}"'
 
 
+def _run_result(run_id: str, status: RunStatus, output: str | None, error: Any) -> str:
+    """A finished child as its parent's Result sees it (the waitpoint's output, JSON text)."""
+    if status is RunStatus.COMPLETED:
+        head = json.dumps({"ok": True, "run_id": run_id, "status": status.value})
+        return f'{head[:-1]},"output":{output or "null"}}}'
+    return json.dumps({"ok": False, "run_id": run_id, "status": status.value, "error": error})
+
+
 def _row_to_run(row: sqlite3.Row | tuple[Any, ...]) -> Run:
     return common.run_from_row(row, _loads)
 
@@ -142,6 +186,8 @@ class SQLiteTx(Tx):
     def __init__(self, conn: sqlite3.Connection, now: float) -> None:
         self.conn = conn
         self.now = now
+        self.resumed_queues: set[str] = set()
+        self.cancel_pending: list[str] = []
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(sql, params).fetchone()
@@ -390,9 +436,12 @@ class SQLiteTx(Tx):
         )
         if not rows:
             return []
+        # A resumed segment continues its attempt row (same number, first start kept).
         self.conn.executemany(
-            """INSERT OR REPLACE INTO attempts (run_id, number, worker_id, lease_token, status, started_at)
-               VALUES (?, ?, ?, ?, 'EXECUTING', ?)""",
+            """INSERT INTO attempts (run_id, number, worker_id, lease_token, status, started_at)
+               VALUES (?, ?, ?, ?, 'EXECUTING', ?)
+               ON CONFLICT (run_id, number) DO UPDATE SET worker_id = excluded.worker_id,
+                   lease_token = excluded.lease_token, status = 'EXECUTING', error = NULL, finished_at = NULL""",
             [(r[0], r[4], request.worker_id, token, now) for r in rows],
         )
         executing = _STATUS_EVENT[RunStatus.EXECUTING]
@@ -484,13 +533,25 @@ class SQLiteTx(Tx):
         elif o.kind == OutcomeKind.RELEASED:
             status = RunStatus.QUEUED
             row = self._one(SETTLE_RELEASE, (now, o.run_id, o.lease_token))
+        elif o.kind == OutcomeKind.SUSPENDED:
+            status = RunStatus.WAITING
+            # The waits first: their journal rows are fenced by the lease, like the suspension.
+            for request in o.waits:
+                self.wait_apply(request, o.lease_token)
+            row = self._one(SETTLE_SUSPEND, (now, o.run_id, o.lease_token))
         else:
             raise ValueError(f"unknown outcome kind {o.kind!r}")
         if row is None:
             return False
-        seq, attempt, environment, task_id, idem = row
-        if o.kind == OutcomeKind.RELEASED:
+        seq, attempt, environment, task_id, idem, _, segment = row[:7]
+        if o.kind == OutcomeKind.SUSPENDED and row[7]:
+            self.cancel_pending.append(o.run_id)  # canceled while suspending: the engine cancels it
+        if o.kind == OutcomeKind.RELEASED and segment == 0:
             self.conn.execute("DELETE FROM attempts WHERE run_id = ? AND number = ?", (o.run_id, attempt))
+        elif o.kind in (OutcomeKind.RELEASED, OutcomeKind.SUSPENDED):
+            self.conn.execute(
+                "UPDATE attempts SET status = 'WAITING' WHERE run_id = ? AND number = ?", (o.run_id, attempt)
+            )
         else:
             if attempt_status is None:
                 attempt_status = (
@@ -507,7 +568,140 @@ class SQLiteTx(Tx):
         self.conn.execute(INSERT_EVENT, (o.run_id, seq, attempt, "status", data, now))
         if idem is not None and status in FREES_IDEMPOTENCY_KEY:
             self._free_key(environment, task_id, idem, o.run_id)
+        if status.finished:  # any run may be waited for (a trigger_and_wait that reused it by key)
+            self._complete_child_waits(o.run_id, status, o.output, o.error)
+        if o.kind == OutcomeKind.SUSPENDED:
+            # Everything it waits for may have ended already (a fast child, an early token).
+            self._resume_ready([o.run_id])
         return True
+
+    # --- durable waits ---------------------------------------------------------------------------
+    def wait_apply(self, req: WaitRequest, lease_token: str) -> list[str] | None:
+        """The journal row, the children, the waitpoints and the links of one wait call, only
+        while the run's lease matches."""
+        st = req.step
+        row = self._one(
+            "SELECT environment FROM runs WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
+            (st.run_id, lease_token),
+        )
+        if row is None:
+            return None
+        environment = row[0]
+        children = self.run_insert_many(environment, req.runs) if req.runs else []
+        output = st.output
+        if children:
+            output = json.dumps({**json.loads(output), "runs": [run_id for run_id, _ in children]})
+        self.conn.execute(
+            """INSERT INTO run_steps (run_id, position, key, name, output, attempt, started_at, finished_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (st.run_id, st.position, st.key, st.name, output, st.attempt, st.started_at, st.finished_at),
+        )
+        targets = iter(children)
+        existing: list[tuple[str, str]] = []
+        rows = []
+        for wp in req.create:
+            target = None
+            if wp.kind == "run":
+                target, created = next(targets)
+                if not created:  # an idempotency key returned an existing run: it may be done
+                    existing.append((wp.id, target))
+            tags = _dumps(wp.tags) if wp.tags else None
+            rows.append((wp.id, environment, wp.kind, wp.complete_at, target, tags, st.run_id, self.now))
+        self.conn.executemany(WAITPOINT_INSERT, rows)
+        for waitpoint_id, target in existing:
+            run = self.run_get(environment, target)
+            if run is not None and run.status.finished:
+                result = _run_result(run.id, run.status, json.dumps(run.output), run.error)
+                self._complete_waitpoints([waitpoint_id], result)
+        if req.wait_on:
+            self.conn.executemany(
+                """INSERT OR IGNORE INTO run_waits (run_id, waitpoint_id)
+                   SELECT ?1, id FROM waitpoints WHERE id = ?2 AND environment = ?3""",
+                [(st.run_id, w, environment) for w in req.wait_on],
+            )
+        return [run_id for run_id, _ in children]
+
+    def _complete_waitpoints(self, ids: Sequence[str], output: str) -> None:
+        done = self._all(
+            """UPDATE waitpoints SET status = 'COMPLETED', output = ?1, completed_at = ?2
+               WHERE id IN (SELECT value FROM json_each(?3)) AND status = 'PENDING' RETURNING id""",
+            (output, self.now, json.dumps(list(ids))),
+        )
+        if done:
+            self._resume_waiters([r[0] for r in done])
+
+    def _complete_child_waits(self, run_id: str, status: RunStatus, output: str | None, error: Any) -> None:
+        """A child finished: its parents' waitpoints complete with its result."""
+        rows = self._all(
+            "SELECT id FROM waitpoints WHERE target_run_id = ? AND status = 'PENDING'",
+            (run_id,),
+        )
+        if rows:
+            self._complete_waitpoints([r[0] for r in rows], _run_result(run_id, status, output, error))
+
+    def _resume_waiters(self, waitpoint_ids: Sequence[str]) -> int:
+        """Resume the runs that waited for these (now completed) waitpoints and for nothing else.
+        -> runs resumed."""
+        waiters = self._all(
+            "SELECT run_id FROM run_waits WHERE waitpoint_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(waitpoint_ids)),),
+        )
+        return self._resume_ready([r[0] for r in waiters]) if waiters else 0
+
+    def _resume_ready(self, run_ids: Sequence[str]) -> int:
+        rows = self._all(RESUME_READY, (self.now, json.dumps(list(run_ids))))
+        queued = _STATUS_EVENT[RunStatus.QUEUED]
+        self.conn.executemany(INSERT_EVENT, [(r[0], r[1], r[2], "status", queued, self.now) for r in rows])
+        self.resumed_queues.update(r[3] for r in rows)
+        return len(rows)
+
+    def waitpoint_create(self, environment: str, waitpoints: Sequence[NewWaitpoint]) -> None:
+        self._ensure_environment(environment)
+        self.conn.executemany(
+            WAITPOINT_INSERT,
+            [
+                (w.id, environment, w.kind, w.complete_at, None, _dumps(w.tags) if w.tags else None, None, self.now)
+                for w in waitpoints
+            ],
+        )
+
+    def token_complete(self, environment: str, token_id: str, output: str) -> bool | None:
+        done = self._one(
+            """UPDATE waitpoints SET status = 'COMPLETED', output = ?1, completed_at = ?2
+               WHERE id = ?3 AND environment = ?4 AND kind = 'token' AND status = 'PENDING' RETURNING id""",
+            (output, self.now, token_id, environment),
+        )
+        if done is not None:
+            self._resume_waiters([token_id])
+            return True
+        found = self._one(
+            "SELECT 1 FROM waitpoints WHERE id = ? AND environment = ? AND kind = 'token'", (token_id, environment)
+        )
+        return None if found is None else False
+
+    def waitpoint_get(self, environment: str, waitpoint_id: str) -> WaitState | None:
+        row = self._one(
+            "SELECT id, kind, status, output, target_run_id FROM waitpoints WHERE id = ? AND environment = ?",
+            (waitpoint_id, environment),
+        )
+        return None if row is None else WaitState(row[0], row[1], row[2], _loads(row[3]), row[4])
+
+    def journal(self, run_id: str) -> Journal:
+        rows = self._all(
+            """SELECT p.id, p.kind, p.status, p.output, p.target_run_id FROM run_waits w
+               JOIN waitpoints p ON p.id = w.waitpoint_id WHERE w.run_id = ?""",
+            (run_id,),
+        )
+        waits = {r[0]: WaitState(r[0], r[1], r[2], _loads(r[3]), r[4]) for r in rows}
+        return Journal(self.step_list(run_id), waits)
+
+    def run_children_waited(self, run_id: str) -> list[str]:
+        rows = self._all(
+            """SELECT p.target_run_id FROM run_waits w JOIN waitpoints p ON p.id = w.waitpoint_id
+               WHERE w.run_id = ? AND p.kind = 'run' AND p.status = 'PENDING'""",
+            (run_id,),
+        )
+        return [r[0] for r in rows]
 
     def _free_key(self, environment: str, task_id: str, key: str, run_id: str) -> None:
         self.conn.execute(
@@ -560,6 +754,7 @@ class SQLiteTx(Tx):
         self.conn.execute(
             INSERT_EVENT, (run_id, row[0], run.attempts or None, "status", _STATUS_EVENT[RunStatus.CANCELED], self.now)
         )
+        self._complete_child_waits(run_id, RunStatus.CANCELED, None, common.CANCELED_ERROR)
         updated = self.run_get(environment, run_id)
         assert updated is not None
         return CancelResult(run=updated, stopping=False)
@@ -611,7 +806,21 @@ class SQLiteTx(Tx):
             self.conn.execute(INSERT_EVENT, (run_id, seq, None, "status", expired_event, now))
             if idem is not None:
                 self._free_key(env, task_id, idem, run_id)
+            self._complete_child_waits(run_id, RunStatus.EXPIRED, None, common.EXPIRED_ERROR)
         result.expired = len(expired)
+
+        # Waits that end by time: due timers, and tokens past their timeout.
+        due = self._all(
+            """UPDATE waitpoints SET status = 'COMPLETED', completed_at = ?1,
+                   output = CASE kind WHEN 'token' THEN ?2 ELSE '{"ok":true}' END
+               WHERE id IN (SELECT id FROM waitpoints WHERE status = 'PENDING' AND complete_at IS NOT NULL
+                            AND complete_at <= ?1 ORDER BY complete_at LIMIT ?3)
+               RETURNING id""",
+            (now, common.TOKEN_TIMEOUT, limit),
+        )
+        if due:
+            result.resumed = self._resume_waiters([r[0] for r in due])
+            result.changed_queues.update(self.resumed_queues)
 
         lost = self._all(
             """SELECT id, lease_token, attempt_count, max_attempts, retry, cancel_requested, queue
@@ -638,7 +847,9 @@ class SQLiteTx(Tx):
                    UNION ALL SELECT min(available_at) FROM runs
                        WHERE status = 'QUEUED' AND attempt_count > 0 AND available_at > ?1
                    UNION ALL SELECT min(expires_at) FROM runs WHERE status = 'QUEUED' AND expires_at IS NOT NULL
-                   UNION ALL SELECT min(lease_expires_at) FROM runs WHERE status = 'EXECUTING')""",
+                   UNION ALL SELECT min(lease_expires_at) FROM runs WHERE status = 'EXECUTING'
+                   UNION ALL SELECT min(complete_at) FROM waitpoints
+                       WHERE status = 'PENDING' AND complete_at IS NOT NULL)""",
             (now,),
         )[0]
         return result
@@ -669,9 +880,14 @@ class SQLiteTx(Tx):
         tags = [(env, tag, run_id) for run_id, env, _, _, t in doomed for tag in (_loads(t) or [])]
         if tags:
             self.conn.executemany("DELETE FROM run_tags WHERE environment = ? AND tag = ? AND run_id = ?", tags)
-        children = ["attempts", "run_events", "run_logs"]
-        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'run_steps'"):
-            children.append("run_steps")
+        children = ["attempts", "run_events", "run_logs", "run_steps", "run_waits"]
+        # Completed waitpoints the runs made, unless an unfinished run still waits for one (a token).
+        self.conn.execute(
+            """DELETE FROM waitpoints WHERE created_by IN (SELECT value FROM json_each(?)) AND status = 'COMPLETED'
+               AND NOT EXISTS (SELECT 1 FROM run_waits w JOIN runs r ON r.id = w.run_id
+                               WHERE w.waitpoint_id = waitpoints.id AND r.finished_at IS NULL)""",
+            (ids,),
+        )
         for table in children:
             self.conn.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT value FROM json_each(?))", (ids,))
         self.conn.execute("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
@@ -847,6 +1063,53 @@ class SQLiteTx(Tx):
             found = self._one(f"SELECT metadata FROM runs WHERE {guard}", guard_params)
             return None if found is None else (_loads(found[0]) or {})
         return _loads(row[0]) or {}
+
+    # --- streams and realtime reads --------------------------------------------------------------
+    _STREAM_BUMP = """UPDATE runs SET event_seq = event_seq + ?1, updated_at = ?2
+        WHERE id = ?3 AND lease_token = ?4 AND status = 'EXECUTING' RETURNING event_seq"""
+    _STREAM_EVENT = """INSERT INTO run_events (run_id, seq, attempt, kind, data, created_at)
+        VALUES (?, ?, ?, 'stream', json_object('key', ?, 'chunk', json(?)), ?)"""
+    # The tag's index range from a run id, plus runs by id (CROSS JOIN fixes the join order:
+    # the planner must not walk runs by environment).
+    _TAG_RUNS = """SELECT r.id, r.event_seq, r.status FROM run_tags t CROSS JOIN runs r ON r.id = t.run_id
+        WHERE t.environment = ?1 AND t.tag = ?2 AND {window}
+        UNION SELECT r.id, r.event_seq, r.status FROM json_each(?4) j CROSS JOIN runs r ON r.id = j.value
+        WHERE r.environment = ?1
+        ORDER BY 1"""
+
+    def stream_append_many(self, chunks: Sequence[StreamChunk]) -> list[bool]:
+        # One seq bump per run (and lease token), then its chunks' events in input order.
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            groups.setdefault((chunk.run_id, chunk.lease_token), []).append(i)
+        accepted = [False] * len(chunks)
+        for (run_id, token), indexes in groups.items():
+            row = self._one(self._STREAM_BUMP, (len(indexes), self.now, run_id, token))
+            if row is None:
+                continue
+            first = row[0] - len(indexes) + 1
+            self.conn.executemany(
+                self._STREAM_EVENT,
+                [
+                    (run_id, first + n, chunks[i].attempt or None, chunks[i].key, chunks[i].data, chunks[i].ts)
+                    for n, i in enumerate(indexes)
+                ],
+            )
+            for i in indexes:
+                accepted[i] = True
+        return accepted
+
+    def run_tag_seqs(
+        self,
+        environment: str,
+        tag: str,
+        min_id: str = "",
+        run_ids: Sequence[str] = (),
+        unfinished: bool = False,
+    ) -> list[tuple[str, int, str]]:
+        window = "(t.run_id >= ?3 OR r.finished_at IS NULL)" if unfinished else "t.run_id >= ?3"
+        rows = self._all(self._TAG_RUNS.format(window=window), (environment, tag, min_id, json.dumps(list(run_ids))))
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # --- workers ---------------------------------------------------------------------------------
     def worker_register(self, worker: WorkerInfo) -> None:
