@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from conveyor.core.backoff import RetryPolicy
+from conveyor.core.errors import ConfigError
 from conveyor.core.records import ClaimedRun, Outcome, OutcomeKind, Run
 from conveyor.core.status import RunStatus
 
@@ -98,3 +99,38 @@ def lost_lease_outcome(
         delay = RetryPolicy.from_dict(retry).delay_after(attempt)
         return Outcome(run_id, token, OutcomeKind.RETRY, error=WORKER_LOST, retry_at=now + delay)
     return Outcome(run_id, token, OutcomeKind.FAILED, error=WORKER_LOST, status=RunStatus.CRASHED)
+
+
+def dbapi_connection(obj: Any) -> tuple[object, str]:
+    """What `connection=` (transactional enqueue) was given, unwrapped to the DBAPI connection
+    underneath: a SQLAlchemy 2 `Connection` or `Session` (sync), or a raw pooled connection,
+    recognised by the module of its classes (SQLAlchemy is never imported); anything else is
+    returned as it is. A SQLAlchemy transaction that has not begun yet is begun here, as
+    SQLAlchemy's autobegin would; the caller commits it. -> (the connection, what was passed,
+    for errors)."""
+    kinds = {c.__name__ for c in type(obj).__mro__ if c.__module__.split(".")[0] == "sqlalchemy"}
+    if not kinds:
+        package = type(obj).__module__.split(".")[0]
+        return obj, type(obj).__qualname__ if package == "builtins" else f"{package}.{type(obj).__qualname__}"
+    if "PoolProxiedConnection" in kinds:  # engine.raw_connection(): a DBAPI connection
+        return obj.driver_connection, "a SQLAlchemy raw connection"
+    if kinds & {"Session", "scoped_session"}:
+        what = "a SQLAlchemy Session"
+    elif "Connection" in kinds:
+        what = "a SQLAlchemy Connection"
+    else:
+        raise ConfigError(
+            f"connection= takes a SQLAlchemy Connection or Session (sync, inside its transaction), "
+            f"got SQLAlchemy {type(obj).__name__}"
+        )
+    try:
+        if what.endswith("Session"):
+            obj = obj.connection()  # the session's connection, its transaction begun
+        elif not obj.in_transaction():
+            obj.begin()
+        what += f" ({obj.dialect.name}+{obj.dialect.driver})"
+        return obj.connection.driver_connection, what
+    except ConfigError:
+        raise
+    except Exception as exc:  # closed, invalidated, needs a rollback, unbound, ...
+        raise ConfigError(f"connection= got {what} that cannot be used: {exc}") from exc

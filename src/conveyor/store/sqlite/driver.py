@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
 from conveyor.core.errors import ConfigError, StoreError
+from conveyor.store import common
 from conveyor.store.base import Store
 from conveyor.store.sqlite import migrate
 from conveyor.store.sqlite.connection import (
@@ -95,38 +96,7 @@ class SQLiteStore(Store):
         connection underneath (SQLAlchemy is recognised by its classes' module, never imported).
         The caller commits (the sqlite3 module opens the transaction at the first write, unless
         the connection is in autocommit mode, where the caller must have run BEGIN)."""
-        from typing import Any
-
-        def dbapi_of(obj: Any) -> tuple[object, str]:
-            """-> (the DBAPI connection, what was passed, for errors)."""
-            kinds = {c.__name__ for c in type(obj).__mro__ if c.__module__.split(".")[0] == "sqlalchemy"}
-            if not kinds:
-                package = type(obj).__module__.split(".")[0]
-                return obj, type(obj).__qualname__ if package == "builtins" else f"{package}.{type(obj).__qualname__}"
-            if "PoolProxiedConnection" in kinds:  # engine.raw_connection(): a DBAPI connection
-                return obj.driver_connection, "a SQLAlchemy raw connection"
-            if kinds & {"Session", "scoped_session"}:
-                what = "a SQLAlchemy Session"
-            elif "Connection" in kinds:
-                what = "a SQLAlchemy Connection"
-            else:
-                raise ConfigError(
-                    f"connection= takes a SQLAlchemy Connection or Session (sync, inside its transaction), "
-                    f"got SQLAlchemy {type(obj).__name__}"
-                )
-            try:
-                if what.endswith("Session"):
-                    obj = obj.connection()  # the session's connection, its transaction begun
-                elif not obj.in_transaction():
-                    obj.begin()
-                what += f" ({obj.dialect.name}+{obj.dialect.driver})"
-                return obj.connection.driver_connection, what
-            except ConfigError:
-                raise
-            except Exception as exc:  # closed, invalidated, needs a rollback, unbound, ...
-                raise ConfigError(f"connection= got {what} that cannot be used: {exc}") from exc
-
-        connection, what = dbapi_of(connection)
+        connection, what = common.dbapi_connection(connection)
         if not isinstance(connection, sqlite3.Connection):
             raise ConfigError(
                 f"connection= takes a sqlite3.Connection, or a SQLAlchemy Connection or Session on the sqlite "
