@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-import conveyor  # noqa: E402
 
 
 def timed(runs: int, steps: int, concurrency: int) -> float:
@@ -44,18 +40,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="conveyor-steps-")
-    url = args.database_url or f"sqlite:///{tmp}/steps.db"
-    conveyor.configure(database_url=url)
-    env = dict(os.environ, CONVEYOR_DATABASE_URL=url, PYTHONPATH=str(HERE))
-    cli = Path(sys.executable).parent / "conveyor"
-    worker = subprocess.Popen(
-        [str(cli), "worker", "--modules", "step_tasks", "--concurrency", "16"],
-        env=env,
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    import step_tasks
+
+    url, worker = step_tasks.start_worker(args.database_url, "steps")
     try:
         timed(20, 10, 1)  # warm-up, also waits for the worker
         results = {}

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,18 +122,9 @@ def main() -> None:
     parser.add_argument("--suspended", type=int, default=10_000)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="conveyor-waits-")
-    url = args.database_url or f"sqlite:///{tmp}/waits.db"
-    conveyor.configure(database_url=url)
-    env = dict(os.environ, CONVEYOR_DATABASE_URL=url, PYTHONPATH=str(HERE))
-    cli = Path(sys.executable).parent / "conveyor"
-    worker = subprocess.Popen(
-        [str(cli), "worker", "--modules", "step_tasks", "--concurrency", "16"],
-        env=env,
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    import step_tasks
+
+    url, worker = step_tasks.start_worker(args.database_url, "waits")
     try:
         latency(5, 0.05)  # warm-up, also waits for the worker
         lat = sorted(latency(args.samples, args.spacing))
