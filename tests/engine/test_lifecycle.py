@@ -88,3 +88,36 @@ def test_queues_list_and_pause(engine):
     assert [q.name for q in engine.queues()] == ["ai"]
     with pytest.raises(UnknownQueue):
         engine.set_paused("nope", True)
+
+
+def test_a_transaction_aborted_by_a_conflict_runs_again():
+    from conveyor.core.errors import StoreBusy, StoreConflict
+    from conveyor.engine.engine import _rerun_on_conflict
+
+    calls = []
+
+    def body():
+        calls.append(1)
+        if len(calls) < 3:
+            raise StoreConflict("deadlock detected")
+        return "done"
+
+    assert _rerun_on_conflict(body) == "done" and len(calls) == 3
+    calls.clear()
+
+    def always():
+        calls.append(1)
+        raise StoreConflict("deadlock detected")
+
+    with pytest.raises(StoreConflict):
+        _rerun_on_conflict(always)
+    assert len(calls) == 3
+
+    def busy():  # waited its busy timeout already: not run again
+        calls.append(1)
+        raise StoreBusy("busy")
+
+    calls.clear()
+    with pytest.raises(StoreBusy):
+        _rerun_on_conflict(busy)
+    assert len(calls) == 1

@@ -307,3 +307,18 @@ def test_a_cancel_that_races_the_suspension_cancels_the_run_and_its_new_children
     assert h.status(parent) == "CANCELED"
     children = [r for r in h.engine.list_runs(_all_runs()) if r.task_id == "child"]
     assert len(children) == 2 and {c.status.value for c in children} == {"CANCELED"}
+
+
+def test_a_relative_wait_falls_due_by_the_store_clock(h, clock):
+    t = h.task("t")
+    run = h.trigger(t)
+    c = h.claim(t)[0]
+    wp = NewWaitpoint("wait_rel", "time", delay=5)  # the store adds it to its own now
+    suspend(h, c, WaitRequest(row(run, 0, output={"waitpoints": [wp.id]}), create=[wp], wait_on=[wp.id]))
+    assert h.engine.maintain().next_due == pytest.approx(h.engine.now + 5)
+    clock.advance(4.9)
+    h.engine.maintain()
+    assert h.status(run) == "WAITING"
+    clock.advance(0.1)
+    h.engine.maintain()
+    assert h.status(run) == "QUEUED"

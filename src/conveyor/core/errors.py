@@ -74,6 +74,13 @@ class StoreBusy(StoreError):
     code = "STORE_BUSY"
 
 
+class StoreConflict(StoreBusy):
+    """The database aborted the transaction to break a deadlock or a serialization conflict:
+    nothing of it was written, so running it again is safe."""
+
+    code = "STORE_CONFLICT"
+
+
 class StoreReadOnly(StoreError):
     code = "STORE_READ_ONLY"
 

@@ -211,8 +211,16 @@ class NewWaitpoint:
 
     id: str
     kind: str  # time | token | run
-    complete_at: float | None = None  # time: when due; token: its timeout
+    complete_at: float | None = None  # time: when due; token: its timeout (epoch seconds)
     tags: list[str] = field(default_factory=list)
+    # Or due this many seconds from the store's now (wait.for_, a token's timeout): the store
+    # derives complete_at with the clock it compares against (the database's, in production),
+    # so a host whose clock is off does not shorten or stretch the wait.
+    delay: float | None = None
+
+    def due(self, now: float) -> float | None:
+        """When it falls due by itself, as seen from `now` (None: only when completed)."""
+        return self.complete_at if self.complete_at is not None or self.delay is None else now + self.delay
 
 
 @dataclass(slots=True)

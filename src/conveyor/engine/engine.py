@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from conveyor.core.errors import (
     ConveyorError,
     InvalidOptions,
     InvalidTransition,
     RunNotFound,
+    StoreConflict,
     TokenNotFound,
     UnknownQueue,
     UnknownTask,
@@ -50,7 +51,7 @@ from conveyor.core.records import (
     WorkerInfo,
 )
 from conveyor.core.status import RunStatus
-from conveyor.engine.notify import CANCEL, DELAYED, WORK, Notifier, parse_address
+from conveyor.engine.notify import CANCEL, DELAYED, WORK, Notifier, QueueWake, parse_address
 from conveyor.engine.options import Limits, TriggerOptions, prepare_run
 from conveyor.engine.payload_schema import check_payload
 from conveyor.store.base import Listener, Store, Tx
@@ -73,6 +74,7 @@ PURGE_INTERVAL = 300.0
 PURGE_BACKLOG_PAUSE = 1.0
 
 log = logging.getLogger("conveyor.engine")
+T = TypeVar("T")
 
 
 class Engine:
@@ -185,6 +187,17 @@ class Engine:
         """A worker's hot path in one transaction: log lines, metadata, stream chunks and completed
         steps, then outcomes (so a run's last writes land before it finishes), then new claims.
         Metadata without a lease token is another run's (metadata.parent / .root): unfenced."""
+        return _rerun_on_conflict(lambda: self._exchange(outcomes, logs, claim, metadata, steps, chunks))
+
+    def _exchange(
+        self,
+        outcomes: Sequence[Outcome],
+        logs: Sequence[LogLine],
+        claim: ClaimRequest | None,
+        metadata: Sequence[tuple[str, str | None, list[MetadataOp]]],
+        steps: Sequence[StepRecord],
+        chunks: Sequence[StreamChunk],
+    ) -> Exchanged:
         with self.store.transaction() as tx:
             if logs:
                 tx.log_append_many(logs)
@@ -230,7 +243,7 @@ class Engine:
         """Waitpoints made outside any run (a token an app creates)."""
         with self.store.transaction() as tx:
             tx.waitpoint_create(self.environment, waitpoints)
-            unsent = self._wake(tx, [DELAYED] if any(w.complete_at is not None for w in waitpoints) else [])
+            unsent = self._wake(tx, [DELAYED] if any(w.due(0.0) is not None for w in waitpoints) else [])
         self._send(unsent)
 
     def waitpoint(self, waitpoint_id: str) -> WaitState:
@@ -243,6 +256,9 @@ class Engine:
     def complete_token(self, token_id: str, output_json: str) -> bool:
         """Complete a token: the runs waiting for it resume. False if it was already completed
         or timed out (nothing changes); TokenNotFound if there is no such token."""
+        return _rerun_on_conflict(lambda: self._complete_token(token_id, output_json))
+
+    def _complete_token(self, token_id: str, output_json: str) -> bool:
         with self.store.transaction() as tx:
             done = tx.token_complete(self.environment, token_id, output_json)
             unsent = self._wake(tx, [WORK] if tx.resumed_queues else [])
@@ -307,8 +323,6 @@ class Engine:
         left for datagrams after the commit (SQLite). `messages`: bytes (engine.notify), or a
         `QueueWake`, which goes to its queue's workers where the Tx can address them
         (PostgreSQL's `wake_queue`) and is a plain WORK elsewhere."""
-        from conveyor.engine.notify import QueueWake
-
         wake_queue = getattr(tx, "wake_queue", None)
         unsent: list[bytes] = []
         for m in messages:
@@ -383,6 +397,9 @@ class Engine:
         """QUEUED, DELAYED, WAITING: CANCELED at once. EXECUTING: its worker is told to stop the
         code and confirms; the run keeps its slots until then. Finished: unchanged. The cancel
         cascades to the unfinished children the run waits for (trigger_and_wait), and theirs."""
+        return _rerun_on_conflict(lambda: self._cancel(run_id))
+
+    def _cancel(self, run_id: str) -> Run:
         with self.store.transaction() as tx:
             result, stopping = self._cancel_tree(tx, run_id)
             stops = self._stop_wakes(tx, stopping)
@@ -488,6 +505,18 @@ class Engine:
         return info
 
 
+def _rerun_on_conflict(body: Callable[[], T], attempts: int = 3) -> T:
+    """Run a transaction again when the database aborted it to break a deadlock (PostgreSQL,
+    between transactions that lock several runs and waitpoints at once): nothing of it was
+    written, and the body is a function of its arguments and the store."""
+    for _ in range(attempts - 1):
+        try:
+            return body()
+        except StoreConflict as exc:
+            log.info("transaction aborted by a conflict, running it again: %s", exc)
+    return body()
+
+
 def _settle_wakes(settled: Sequence[Outcome], tx: Tx) -> list[bytes]:
     """What accepted outcomes wake workers for."""
     wakes = []
@@ -495,7 +524,7 @@ def _settle_wakes(settled: Sequence[Outcome], tx: Tx) -> list[bytes]:
     children = any(r for o in settled for w in o.waits for r in w.runs)
     if OutcomeKind.RELEASED in kinds or tx.resumed_queues or children:  # work for someone, now
         wakes.append(WORK)
-    timers = any(p.complete_at is not None for o in settled for w in o.waits for p in w.create)
+    timers = any(p.due(0.0) is not None for o in settled for w in o.waits for p in w.create)
     if OutcomeKind.RETRY in kinds or timers:  # work later: workers re-plan their maintenance timers
         wakes.append(DELAYED)
     return wakes
@@ -504,8 +533,6 @@ def _settle_wakes(settled: Sequence[Outcome], tx: Tx) -> list[bytes]:
 def _insert_wakes(runs: Sequence[NewRun], results: Sequence[tuple[str, bool]]) -> list[object]:
     """What an insert wakes workers for: the queues of the runs made QUEUED (a QueueWake per
     queue, saying how many runs), and timers to re-plan (runs made DELAYED)."""
-    from conveyor.engine.notify import QueueWake
-
     queued: dict[str, list[NewRun]] = {}
     delayed = False
     for run, (_, created) in zip(runs, results, strict=True):

@@ -38,6 +38,7 @@ from conveyor.core.ids import new_id
 from conveyor.core.records import NewRun, NewWaitpoint, StepRecord, WaitRequest, WaitState
 from conveyor.sdk import context
 from conveyor.sdk.context import Execution
+from conveyor.sdk.serde import to_json
 from conveyor.sdk.steps import _next_call, load_journal, load_journal_blocking
 
 T = TypeVar("T")
@@ -147,15 +148,18 @@ class Wait:
             if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
                 raise InvalidOptions(f"wait.for_ takes amounts >= 0, got {amount!r}")
             total += amount * unit
-        return self._time("wait.for", lambda now: now + total)
+        return self._time("wait.for", delay=total)
 
     def until(self, when: datetime) -> Any:
         """Wait until a timezone-aware datetime (at once if it has passed)."""
         if not isinstance(when, datetime) or when.tzinfo is None:
             raise InvalidOptions("wait.until needs a timezone-aware datetime")
-        return self._time("wait.until", lambda now: when.timestamp())
+        return self._time("wait.until", until=when.timestamp())
 
-    def _time(self, name: str, due: Callable[[float], float]) -> Any:
+    def _time(self, name: str, delay: float | None = None, until: float | None = None) -> Any:
+        """A wait `delay` seconds long, or until the epoch time `until`. A delay is handed to the
+        store as such, which adds it to the clock it compares against (DECISIONS.md: the
+        database's, in production)."""
         execution = context.require(f"conveyor.{name}")
 
         def plan() -> tuple[float, StepRecord] | None:
@@ -164,12 +168,12 @@ class Wait:
             if stored is not None:
                 _replayed(execution, stored)
                 return None
-            now = _client().engine.now
-            at = due(now)
-            if at - now < SUSPEND_THRESHOLD:
-                return max(0.0, at - now), _journal_row(execution, position, key, name, {"waitpoints": []})
-            waitpoint = NewWaitpoint(new_id("wait"), "time", complete_at=at)
-            row = _journal_row(execution, position, key, name, {"waitpoints": [waitpoint.id], "until": at})
+            seconds = delay if until is None else until - _client().engine.now
+            assert seconds is not None
+            if seconds < SUSPEND_THRESHOLD:
+                return max(0.0, seconds), _journal_row(execution, position, key, name, {"waitpoints": []})
+            waitpoint = NewWaitpoint(new_id("wait"), "time", complete_at=until, delay=delay if until is None else None)
+            row = _journal_row(execution, position, key, name, {"waitpoints": [waitpoint.id]})
             return _suspend(execution, WaitRequest(row, create=[waitpoint], wait_on=[waitpoint.id]))  # type: ignore[no-any-return]
 
         async def run_async() -> None:
@@ -203,7 +207,9 @@ class Wait:
             timeout_at = None if timeout is None else engine.now + float(timeout)
             base = os.environ.get("CONVEYOR_API_URL", "http://127.0.0.1:8030").rstrip("/")
             token = Token(token_id, f"{base}/api/v1/tokens/{token_id}/complete", timeout_at, tag_list)
-            return token, NewWaitpoint(token_id, "token", complete_at=timeout_at, tags=tag_list)
+            return token, NewWaitpoint(
+                token_id, "token", delay=None if timeout is None else float(timeout), tags=tag_list
+            )
 
         if execution is None:
 
@@ -284,8 +290,6 @@ class Wait:
         """Complete a token from anywhere (an app, another run, the CLI); the runs waiting for
         it resume with `Result(ok=True, output=data)`. -> True; False if it was already
         completed or timed out (nothing changes). Unknown id: TokenNotFound."""
-        from conveyor.sdk.serde import to_json
-
         token_id = token_id.id if isinstance(token_id, Token) else token_id
         output = to_json({"ok": True, "output": data}, "the data of complete_token")
         return bool(_client().engine.complete_token(token_id, output))

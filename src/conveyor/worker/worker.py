@@ -342,8 +342,9 @@ class Worker:
             if ok and outcome.kind == OutcomeKind.SUSPENDED:
                 for request in outcome.waits:  # timers: wake when due, to resume the run at once
                     for waitpoint in request.create:
-                        if waitpoint.complete_at is not None:
-                            self._maintain_by(waitpoint.complete_at)
+                        due = waitpoint.due(self.engine.now)
+                        if due is not None:
+                            self._maintain_by(due)
             if not ok:
                 log.warning("run %s: outcome refused, the lease was lost (another worker may own it)", outcome.run_id)
         self.stats["settled"] += len(outcomes)

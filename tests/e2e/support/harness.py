@@ -177,7 +177,9 @@ class Cluster:
             return []
         with open(self.exec_log_path, "rb") as f:
             data = f.read()
-        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        # A line being appended while we read may show only in part: it is read next time.
+        complete = data[: data.rfind(b"\n") + 1]
+        return [json.loads(line) for line in complete.split(b"\n") if line.strip()]
 
     def open_executions(self) -> dict[int, list[dict[str, Any]]]:
         """Started and not ended, by pid (as the log says; a killed pid's stay open)."""

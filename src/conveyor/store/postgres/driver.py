@@ -22,7 +22,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
-from conveyor.core.errors import ConfigError, SchemaMismatch, StoreBusy, StoreError, StoreReadOnly
+from conveyor.core.errors import ConfigError, SchemaMismatch, StoreBusy, StoreConflict, StoreError, StoreReadOnly
 from conveyor.store import common
 from conveyor.store.base import Store
 from conveyor.store.postgres import migrate
@@ -66,10 +66,9 @@ def translate(exc: Exception, location: str) -> Exception:
         )
     if isinstance(exc, pgerrors.UndefinedTable | pgerrors.InvalidSchemaName):
         return SchemaMismatch(f"the database {location} has no Conveyor schema: run `conveyor migrate` ({exc})")
-    busy = (
-        pgerrors.LockNotAvailable | pgerrors.QueryCanceled | pgerrors.DeadlockDetected | pgerrors.SerializationFailure
-    )
-    if isinstance(exc, busy):
+    if isinstance(exc, pgerrors.DeadlockDetected | pgerrors.SerializationFailure):
+        return StoreConflict(f"the database {location} aborted a conflicting transaction: {exc}")
+    if isinstance(exc, pgerrors.LockNotAvailable | pgerrors.QueryCanceled):
         return StoreBusy(f"the database {location} is busy: {exc}")
     if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
         return StoreReadOnly(f"the database {location} is read-only: {exc}")

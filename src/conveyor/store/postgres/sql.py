@@ -679,9 +679,10 @@ _STEP_VALUES = "%(run_id)s, %(position)s, %(key)s, %(name)s, %(output)s, %(attem
 _STEP_INSERT = "INSERT INTO conveyor.run_steps (run_id, position, key, name, output, attempt, started_at, finished_at)"
 _WAITPOINT_INSERT = """INSERT INTO conveyor.waitpoints (id, environment, kind, status, complete_at, target_run_id, tags,
         created_by, created_at)
-    SELECT w.id, {env}, w.kind, 'PENDING', w.complete_at, w.target, w.tags::jsonb, %(created_by)s, %(now)s
-    FROM unnest(%(ids)s::text[], %(kinds)s::text[], %(complete_ats)s::float8[], %(targets)s::text[],
-                %(tags)s::text[]) AS w(id, kind, complete_at, target, tags)"""
+    SELECT w.id, {env}, w.kind, 'PENDING', coalesce(w.complete_at, %(now)s + w.delay), w.target, w.tags::jsonb,
+        %(created_by)s, %(now)s
+    FROM unnest(%(ids)s::text[], %(kinds)s::text[], %(complete_ats)s::float8[], %(delays)s::float8[],
+                %(targets)s::text[], %(tags)s::text[]) AS w(id, kind, complete_at, delay, target, tags)"""
 
 # Waitpoints made outside any run.
 WAITPOINT_INSERT = _WAITPOINT_INSERT.format(env="%(env)s")

@@ -878,6 +878,7 @@ class PostgresTx(Tx):
             "ids": [w.id for w in waitpoints],
             "kinds": [w.kind for w in waitpoints],
             "complete_ats": [None if w.complete_at is None else float(w.complete_at) for w in waitpoints],
+            "delays": [None if w.delay is None else float(w.delay) for w in waitpoints],
             "targets": [next(pending) if w.kind == "run" else None for w in waitpoints],
             "tags": [_dumps(w.tags) if w.tags else None for w in waitpoints],
         }

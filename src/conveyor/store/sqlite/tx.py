@@ -625,7 +625,7 @@ class SQLiteTx(Tx):
                 if not created:  # an idempotency key returned an existing run: it may be done
                     existing.append((wp.id, target))
             tags = _dumps(wp.tags) if wp.tags else None
-            rows.append((wp.id, environment, wp.kind, wp.complete_at, target, tags, st.run_id, self.now))
+            rows.append((wp.id, environment, wp.kind, wp.due(self.now), target, tags, st.run_id, self.now))
         self.conn.executemany(WAITPOINT_INSERT, rows)
         for waitpoint_id, target in existing:
             run = self.run_get(environment, target)
@@ -679,7 +679,7 @@ class SQLiteTx(Tx):
         self.conn.executemany(
             WAITPOINT_INSERT,
             [
-                (w.id, environment, w.kind, w.complete_at, None, _dumps(w.tags) if w.tags else None, None, self.now)
+                (w.id, environment, w.kind, w.due(self.now), None, _dumps(w.tags) if w.tags else None, None, self.now)
                 for w in waitpoints
             ],
         )
