@@ -463,5 +463,5 @@ def pick(producer: psycopg.Connection, store: PostgresStore, queue_name: str) ->
     open transaction."""
     channel = pg_listen.queue_channel(store.schema, "dev", queue_name)
     locks = pg_listen.run_locks(producer.info.dbname, store.schema, "dev", queue_name, DEFAULT_MACHINE, None)
-    statement, params = pg_listen.pick_notify(locks)
-    producer.execute(statement, {**params, "channel": channel, "payload": "w"})
+    statement, params = pg_listen.pick_notify(locks, channel)
+    producer.execute(statement, params)

@@ -376,17 +376,102 @@ def _drain_until_within(q: queue.Queue, wanted: bytes, seconds: float) -> bool:
 
 
 def test_pooled_connections_killed_while_idle_are_replaced(postgres_url, pg_schema, clock):
+    """Each kind of first statement: BEGIN (sent again), a lone trigger (idempotent: sent again),
+    a lone claim (never sent twice: a closed connection is noticed before it goes out)."""
     name = f"conveyor-kill-{pg_schema[-8:]}"
     store = PostgresStore(postgres_url, clock, schema=pg_schema, pool_size=2, application_name=name)
+
+    def kill_pooled() -> None:
+        """Terminate the pool's sessions and wait until they are gone (idle ones that died)."""
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,))
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            deadline = time.monotonic() + 10
+            while conn.execute(alive, (name,)).fetchone()[0] and time.monotonic() < deadline:
+                time.sleep(0.01)
+
     try:
         engine = Engine(store)
         task = register(engine, "t")
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,))
+        request = ClaimRequest("dev", "w1", ["t"], ["t"], 5, 30)
+        assert engine.claim(request) == []  # the queue is known plain now: the next claim is one statement
+        kill_pooled()
         run_id, created = trigger(engine, task)  # no error: the dead connection is replaced
         assert created and engine.retrieve(run_id).status.value == "QUEUED"
+        kill_pooled()
+        assert [c.id for c in engine.claim(request)] == [run_id]
+        kill_pooled()
+        assert engine.tasks()[0].task_id == "t"  # a read
     finally:
         store.close()
+
+
+def test_a_lone_trigger_sent_again_makes_one_run(pg_store, postgres_url, pg_schema):
+    """A trigger of one run is one statement that commits itself; after a lost connection it is
+    sent again whatever became of the first try. Sent twice, it makes the run and its tags once."""
+    engine = Engine(pg_store)
+    task = register(engine, "t")
+    run = engine.prepare(task, '{"n": 1}', TriggerOptions.from_kwargs(tags=["a", "b"]))
+    for _ in range(2):
+        with pg_store.transaction() as tx:
+            assert tx.run_insert_many("dev", [run]) == [(run.id, True)]
+    assert engine.retrieve(run.id).payload == {"n": 1}
+    assert [r.id for r in engine.list_runs(RunFilter(tags=["a"]))] == [run.id]
+    with psycopg.connect(postgres_url) as conn:
+        counts = conn.execute(
+            f'SELECT (SELECT count(*) FROM "{pg_schema}".runs), (SELECT count(*) FROM "{pg_schema}".run_tags)'
+        ).fetchone()
+    assert counts == (1, 2)
+
+
+def test_one_statement_claims_fall_back_for_limits_keys_and_pauses(pg_store):
+    """A queue seen plain is claimed in one statement; when it gains a limit, when a keyed run is
+    first in line, or when it is paused, that statement starts nothing and the usual claim does."""
+    engine = Engine(pg_store)
+    task = register(engine, "q", key_limit=1)
+    request = ClaimRequest("dev", "w1", ["q"], ["q"], 10, 30)
+    assert engine.claim(request) == []
+    plain = ("dev", "q")
+    assert plain in pg_store.plain_queues
+    first = trigger(engine, task)[0]
+    assert [c.id for c in engine.claim(request)] == [first]  # one statement
+    engine.register([], [QueueSpec("q", 2)])  # now with a limit
+    for _ in range(4):
+        trigger(engine, task)
+    assert len(engine.claim(request)) == 1 and plain not in pg_store.plain_queues  # 1 running + 1 = limit 2
+    engine.register([], [QueueSpec("q", None)])
+    assert len(engine.claim(request)) == 3 and plain in pg_store.plain_queues
+    keyed = [trigger(engine, task, concurrency_key="user-1")[0] for _ in range(3)]
+    assert [c.id for c in engine.claim(request)] == keyed[:1]  # the key's limit of 1 holds
+    assert plain not in pg_store.plain_queues
+    assert engine.claim(request) == []
+    trigger(engine, task)  # behind the two keyed runs still queued: claimed past them
+    assert len(engine.claim(request)) == 1
+    engine.set_paused("q", True)
+    trigger(engine, task)
+    assert engine.claim(request) == []
+
+
+def test_only_a_claim_alone_commits_without_waiting_for_the_flush(pg_store):
+    """A claim that is its whole transaction commits with synchronous_commit off for that
+    transaction only; a claim beside outcomes (a worker's exchange) keeps the session's setting,
+    and no pooled session is left with it off."""
+    engine = Engine(pg_store)
+    task = register(engine, "q")
+    request = ClaimRequest("dev", "w1", ["q"], ["q"], 1, 30)
+    engine.claim(request)
+    for _ in range(3):
+        trigger(engine, task)
+    claimed = engine.claim(request)  # alone: in autocommit, off
+    assert len(claimed) == 1
+    with pg_store.transaction() as tx:
+        outcome = Outcome(claimed[0].id, claimed[0].lease_token, OutcomeKind.COMPLETED, output="1")
+        assert tx.run_settle_many("dev", [outcome]) == [True]
+        assert len(tx.run_claim(request)) == 1
+        assert tx._one("SHOW synchronous_commit")[0] == "on"
+    for _ in range(pg_store.pool.max_size + 1):
+        with pg_store.transaction() as tx:
+            assert tx._one("SHOW synchronous_commit")[0] == "on"
 
 
 def test_production_uses_the_database_clock(postgres_url, pg_schema):

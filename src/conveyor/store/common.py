@@ -57,15 +57,10 @@ def claimed_from_row(r: Sequence[Any], token: str, decode: Decode) -> ClaimedRun
     )  # fmt: skip
 
 
-def claim_in_passes(
-    queues: Sequence[str],
-    limit: int,
-    pick: Callable[[str, int], list[str]],
-    start: Callable[[list[str]], list[Any]],
-) -> list[Any]:
+def claim_in_passes(queues: Sequence[str], limit: int, take: Callable[[str, int], list[Any]]) -> list[Any]:
     """Round-robin over the queues with free capacity: each pass offers every queue an equal
-    share of what is left; a queue that could not fill its share drops out. `pick(queue, want)`
-    admits run ids; `start(ids)` starts them at once (so the next pass counts them against the
+    share of what is left; a queue that could not fill its share drops out. `take(queue, want)`
+    admits and starts up to `want` runs at once (so the next pass counts them against the
     limits) and returns their rows. -> the rows, in claim order (sort_key, id)."""
     rows: list[Any] = []
     remaining = limit
@@ -77,11 +72,10 @@ def claim_in_passes(
             want = min(share, remaining)
             if want <= 0:
                 break
-            picked = pick(queue, want)
-            if picked:
-                rows += start(picked)
-                remaining -= len(picked)
-            if len(picked) == want:
+            taken = take(queue, want)
+            rows += taken
+            remaining -= len(taken)
+            if len(taken) == want:
                 still_full.append(queue)
         candidates = still_full
     rows.sort(key=lambda r: (r[21], r[0]))

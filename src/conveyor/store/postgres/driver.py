@@ -7,6 +7,7 @@ nothing is left open between uses. The configured schema holds every object (`co
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,10 +20,12 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from conveyor.core.clock import SYSTEM_CLOCK, Clock
 from conveyor.core.errors import ConfigError, SchemaMismatch, StoreBusy, StoreConflict, StoreError, StoreReadOnly
+from conveyor.core.records import ClaimedRun, ClaimRequest, NewRun
 from conveyor.store import common
 from conveyor.store.base import Store
 from conveyor.store.postgres import migrate
@@ -102,9 +105,57 @@ class _Pending:
 
 
 class _Tx(PostgresTx):
-    """The Tx of `PostgresStore.transaction()`: it can also wake the workers of one queue."""
+    """The Tx of `PostgresStore.transaction()`. BEGIN waits for the first statement that needs
+    it: a transaction that only inserts one run (a trigger without an idempotency key) is sent
+    at its commit as one statement that commits itself, with its NOTIFYs, in one round trip
+    (`PostgresStore._commit_alone`; W3 latency). It can also wake the workers of one queue."""
 
-    pending: _Pending
+    def __init__(
+        self, conn: psycopg.Connection, store: PostgresStore, now: float | None, notifies: list[tuple[str, str]]
+    ) -> None:
+        super().__init__(conn, store, now, notifies)
+        self.pending = _Pending()
+        self.begun = False
+        self.alone: tuple[str, NewRun] | None = None  # (environment, run): its insert waits for the commit
+        self.claim_only = False  # run_claim of one queue, before anything else
+
+    def use(self, conn: psycopg.Connection) -> None:
+        """Another pooled connection, before anything was done on this one."""
+        self.conn = conn
+        self.cur = conn.cursor(row_factory=tuple_row)
+
+    def _ready(self) -> None:
+        if self.begun:
+            return
+        self.begun = True
+        self.store.begin(self)
+        if self.alone is not None:
+            environment, run = self.alone
+            self.alone = None
+            PostgresTx.run_insert_many(self, environment, [run])
+
+    def run_claim(self, request: ClaimRequest) -> list[ClaimedRun]:
+        self.claim_only = not self.begun and self.alone is None and len(request.queues) == 1
+        return super().run_claim(request)
+
+    def _claim_alone(self, statement: str, params: dict[str, Any]) -> list[Any]:
+        """A claim that is this whole transaction (nothing before it; Engine writes nothing after
+        a claim) is sent as one statement in autocommit, committed without waiting for the WAL
+        flush: CLAIM_ALONE starts only runs of a queue without a limit and without a concurrency
+        key, so a claim lost in a database crash (the server's, not a clean stop) can only make a
+        run execute again, which at-least-once delivery allows; no limit can be exceeded by it.
+        Every other commit waits for its flush (docs/architecture.md, "Commits")."""
+        if self.begun or not self.claim_only:
+            return super()._claim_alone(statement, params)
+        self.claim_only = False
+        self.store.fresh(self)
+        return self.cur.execute(statement, {**params, "commit": "off"}).fetchall()
+
+    def run_insert_many(self, environment: str, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        if self.begun or self.alone is not None or len(runs) != 1 or runs[0].idempotency_key is not None:
+            return super().run_insert_many(environment, runs)
+        self.alone = (environment, runs[0])
+        return [(runs[0].id, True)]
 
     def wake_queue(self, environment: str, queue: str, runs: int, machine: str, version: str | None) -> bool:
         """When this transaction commits, wake for `runs` new runs in `queue`: one run wakes one
@@ -149,6 +200,10 @@ class PostgresStore(Store):
         self.connect_timeout = connect_timeout
         self.application_name = application_name
         self._listeners: set[PostgresListener] = set()
+        # (environment, queue) last seen without a limit and with no keyed run first in line: a
+        # claim there tries the one-statement path (PostgresTx._take_alone). A set's add and
+        # discard are atomic under the GIL; a stale entry costs one statement, never a wrong claim.
+        self.plain_queues: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         with translated(self.location), self._direct() as conn:
             if auto_migrate and migrate.current_version(conn, self.schema) == 0:
@@ -219,13 +274,10 @@ class PostgresStore(Store):
                 self.pool.putconn(conn)
 
     @contextmanager
-    def _session(
-        self, begin: str, notifies: list[tuple[str, str]] | None = None, pending: _Pending | None = None
-    ) -> Iterator[psycopg.Connection]:
-        """A pooled connection inside BEGIN ... COMMIT (ROLLBACK on error). A connection that
-        died while idle in the pool (a server restart) is replaced before anything was done.
-        `notifies`: (channel, payload) pairs the transaction asked for (PostgresTx.wake), sent
-        just before the COMMIT with what `pending` holds (_Tx)."""
+    def _session(self, begin: str) -> Iterator[psycopg.Connection]:
+        """A pooled connection inside BEGIN ... COMMIT (ROLLBACK on error), for reads. A
+        connection that died while idle in the pool (a server restart) is replaced before
+        anything was done."""
         with translated(self.location):
             for attempt in range(3):
                 conn = self._getconn()
@@ -245,7 +297,7 @@ class PostgresStore(Store):
                         with suppress(psycopg.Error):
                             conn.execute("ROLLBACK")
                     raise
-                self._commit(conn, notifies, pending)
+                conn.execute("COMMIT")
             finally:
                 self.pool.putconn(conn)
 
@@ -253,21 +305,10 @@ class PostgresStore(Store):
         self, conn: psycopg.Connection, notifies: list[tuple[str, str]] | None, pending: _Pending | None
     ) -> None:
         """COMMIT, with the transaction's NOTIFYs in the same round trip (pipeline mode): a
-        trigger is then BEGIN, INSERT, NOTIFY + COMMIT, not four round trips (W3 latency). A
         notification is delivered at commit wherever it was issued in the transaction, so
-        sending it last changes only the latency. A queue with one new run gets `pick_notify`
-        (one idle worker that can take it, chosen and pinned in that statement; listen.py)."""
-        statements: list[tuple[str, dict[str, Any]]] = [
-            (q.NOTIFY, {"channel": channel, "payload": payload}) for channel, payload in notifies or ()
-        ]
-        for (environment, queue), wake in (pending.queue_wakes if pending is not None else {}).items():
-            channel = queue_channel(self.schema, environment, queue)
-            if wake.runs == 1:
-                locks = run_locks(conn.info.dbname, self.schema, environment, queue, wake.machine, wake.version)
-                pick, values = pick_notify(locks)
-                statements.append((pick, {**values, "channel": channel, "payload": "w"}))
-            else:
-                statements.append((q.NOTIFY, {"channel": channel, "payload": "w"}))
+        sending it last changes only the latency."""
+        picks, plain = self._wakes(conn, notifies or [], pending)
+        statements = picks + [(q.NOTIFY, {"channel": c, "payload": p}) for c, p in plain]
         if not statements:
             conn.execute("COMMIT")
             return
@@ -283,14 +324,100 @@ class PostgresStore(Store):
                     conn.execute("ROLLBACK")
             raise
 
+    def _wakes(
+        self, conn: psycopg.Connection, notifies: list[tuple[str, str]], pending: _Pending | None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
+        """A transaction's wake-ups -> (`pick_notify` statements, plain (channel, payload) NOTIFYs).
+        A queue with one new run gets `pick_notify` (one idle worker that can take it, chosen and
+        pinned in that statement; listen.py); more runs wake every worker of the queue."""
+        picks: list[tuple[str, dict[str, Any]]] = []
+        plain = list(notifies)
+        for (environment, queue), wake in (pending.queue_wakes if pending is not None else {}).items():
+            channel = queue_channel(self.schema, environment, queue)
+            if wake.runs == 1:
+                locks = run_locks(conn.info.dbname, self.schema, environment, queue, wake.machine, wake.version)
+                picks.append(pick_notify(locks, channel))
+            else:
+                plain.append((channel, "w"))
+        return picks, plain
+
     @contextmanager
     def transaction(self) -> Iterator[PostgresTx]:
         notifies: list[tuple[str, str]] = []
-        pending = _Pending()
-        with self._session(_BEGIN, notifies, pending) as conn:
-            tx = _Tx(conn, self, self._now_param(), notifies)
-            tx.pending = pending
-            yield tx
+        with translated(self.location):
+            tx = _Tx(self._getconn(), self, self._now_param(), notifies)
+            try:
+                try:
+                    yield tx
+                except BaseException:
+                    if tx.begun and not tx.conn.broken:
+                        with suppress(psycopg.Error):
+                            tx.conn.execute("ROLLBACK")
+                    raise
+                if tx.begun:
+                    self._commit(tx.conn, notifies, tx.pending)
+                else:
+                    self._commit_alone(tx, notifies)
+            finally:
+                self.pool.putconn(tx.conn)
+
+    def begin(self, tx: _Tx) -> None:
+        """BEGIN for a transaction of `transaction()`. A pooled connection that died while idle
+        (a server restart) is replaced: nothing was done on it yet."""
+        for attempt in range(3):
+            try:
+                tx.conn.execute(_BEGIN)
+                return
+            except psycopg.OperationalError:
+                if attempt == 2:
+                    raise
+                self.pool.putconn(tx.conn)  # a broken one is discarded
+                tx.use(self._getconn())
+
+    def fresh(self, tx: _Tx) -> None:
+        """Before a statement that cannot be sent twice goes out in autocommit on a pooled
+        connection: replace a connection the server closed while it was idle (a restart). Such a
+        connection has the server's goodbye waiting to be read; a live idle one has nothing."""
+        for _ in range(3):
+            ready, _w, _x = select.select([tx.conn.pgconn.socket], [], [], 0)
+            if not ready:
+                return
+            tx.conn.close()
+            self.pool.putconn(tx.conn)  # a closed one is discarded
+            tx.use(self._getconn())
+
+    def _commit_alone(self, tx: _Tx, notifies: list[tuple[str, str]]) -> None:
+        """Commit a transaction that has not begun: its run's insert (`_Tx.alone`) and NOTIFYs in
+        one statement in autocommit (sql.insert_run_alone). The statement may be sent again on a
+        fresh connection when the connection fails: the run's id makes it idempotent."""
+        picks, plain = self._wakes(tx.conn, notifies, tx.pending)
+        if len(picks) > 1 or (tx.alone is None and (picks or plain)):  # not one run's trigger
+            tx._ready()
+            self._commit(tx.conn, notifies, tx.pending)
+            return
+        if tx.alone is None:
+            return  # nothing was asked of the database
+        environment, run = tx.alone
+        expression = q.NOTIFY_EACH
+        params = {
+            **PostgresTx.run_params(environment, run),
+            "tag_list": list(run.tags),
+            "channels": [c for c, _ in plain],
+            "payloads": [p for _, p in plain],
+        }
+        for statement, values in picks:
+            expression += f" + (SELECT count(*) FROM ({statement}) AS pick)"
+            params.update(values)
+        text = tx._sql(q.insert_run_alone(expression))
+        for attempt in range(3):
+            try:
+                tx.cur.execute(text, tx._params(params))
+                return
+            except psycopg.OperationalError:
+                if attempt == 2 or not tx.conn.broken:
+                    raise
+                self.pool.putconn(tx.conn)
+                tx.use(self._getconn())
 
     @contextmanager
     def read(self) -> Iterator[PostgresTx]:

@@ -166,17 +166,17 @@ def _pick_statement(classes: int) -> str:
     advertised = " OR ".join(f"NOT pg_try_advisory_xact_lock_shared(%(avail{i})s::int4, s)" for i in range(classes))
     return f"""
 SELECT pg_notify(CASE WHEN pg_try_advisory_xact_lock_shared(%(pin)s::int4, t.s)
-                      THEN %(channel)s || '.' || t.s ELSE %(channel)s END, %(payload)s)
+                      THEN %(queue_channel)s || '.' || t.s ELSE %(queue_channel)s END, '{_WORK_PAYLOAD}')
 FROM (SELECT CASE WHEN {anybody}
              THEN (SELECT s FROM generate_series(0, {SLOTS - 1}) s WHERE {advertised} LIMIT 1) END AS s) t
 """
 
 
-def pick_notify(locks: QueueLocks) -> tuple[str, dict[str, object]]:
-    """The producer's statement for one new run (see above): the first advertised slot, pinned
-    to the commit, else the queue's channel. Parameters `channel` and `payload` to add."""
+def pick_notify(locks: QueueLocks, channel: str) -> tuple[str, dict[str, object]]:
+    """The producer's statement for one new run in the queue of `channel` (see above): the first
+    advertised slot, pinned to the commit, else the queue's channel."""
     statement = _pick_statement(len(locks.any))
-    params: dict[str, object] = {"pin": locks.pin}
+    params: dict[str, object] = {"pin": locks.pin, "queue_channel": channel}
     params.update({f"any{i}": c for i, c in enumerate(locks.any)})
     params.update({f"avail{i}": c for i, c in enumerate(locks.avail)})
     return statement, params

@@ -185,6 +185,25 @@ INSERT INTO conveyor.run_tags (environment, tag, run_id) VALUES (%(env)s, %(tag)
 ON CONFLICT DO NOTHING
 """
 
+
+@lru_cache(maxsize=16)
+def insert_run_alone(notify: str) -> str:
+    """One run's INSERT_RUN, its tags and `notify` (an SQL expression sending the transaction's
+    NOTIFYs) in one statement, sent in autocommit: a trigger of one run is one round trip
+    (driver._Tx). The run's id is made by the client, so the statement may be sent again after a
+    lost connection whatever became of the first: ON CONFLICT (id) DO NOTHING."""
+    return f"""WITH run AS ({INSERT_RUN.strip()}
+ON CONFLICT (id) DO NOTHING RETURNING id
+), tagged AS (
+INSERT INTO conveyor.run_tags (environment, tag, run_id)
+SELECT %(env)s, t, run.id FROM run, unnest(%(tag_list)s::text[]) AS t ON CONFLICT DO NOTHING
+)
+SELECT {notify}"""
+
+
+# NOTIFYs as an expression (insert_run_alone): one per (channel, payload) pair.
+NOTIFY_EACH = "(SELECT count(pg_notify(c, p)) FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(c, p))"
+
 INSERT_EVENT = """
 INSERT INTO conveyor.run_events (run_id, seq, attempt, kind, data, created_at)
 VALUES (%(run_id)s, %(seq)s, %(attempt)s, %(kind)s, %(data)s::jsonb, %(now)s)
@@ -239,6 +258,7 @@ FOR UPDATE SKIP LOCKED
 # Always one row at least: (NULL candidate, limit, paused) when there is no candidate. For a queue
 # with a limit or paused the gate (an InitPlan, evaluated before the scan) locks no run: the caller
 # then takes the queue's lock and asks CLAIM_CANDIDATES, as before.
+_UNGATED = "\n  AND NOT EXISTS (SELECT 1 FROM q WHERE paused OR concurrency_limit IS NOT NULL)\nORDER BY"
 CLAIM_FIRST_CANDIDATES = (
     """WITH q AS (
     SELECT concurrency_limit, paused FROM conveyor.queues WHERE environment = %(env)s AND name = %(queue)s
@@ -248,9 +268,7 @@ FROM (SELECT (SELECT concurrency_limit FROM q) AS concurrency_limit,
              coalesce((SELECT paused FROM q), false) AS paused) AS s
 LEFT JOIN LATERAL (
 """
-    + CLAIM_CANDIDATES.strip().replace(
-        "\nORDER BY", "\n  AND NOT EXISTS (SELECT 1 FROM q WHERE paused OR concurrency_limit IS NOT NULL)\nORDER BY"
-    )
+    + CLAIM_CANDIDATES.strip().replace("\nORDER BY", _UNGATED)
     + """
 ) AS c ON true
 """
@@ -292,6 +310,33 @@ CLAIM_START = (
 )
 SELECT * FROM claimed
 """
+)
+
+# A claim of one queue in one statement (PostgresTx._take_alone): the queue's settings, the first
+# candidates and, when the queue has no limit, is not paused and none of those candidates has a
+# concurrency key, their start (CLAIM_START). Always one row at least, each ending with the gate:
+# (limit, paused, keyed, the commit mode); when the gate is closed nothing is started and the caller
+# claims the usual way (CLAIM_FIRST_CANDIDATES and on). `commit`: NULL keeps the transaction's
+# synchronous_commit; 'off' when the claim is the whole transaction (driver._Tx, docs/architecture.md).
+CLAIM_ALONE = (
+    """WITH q AS (
+    SELECT concurrency_limit, paused FROM conveyor.queues WHERE environment = %(env)s AND name = %(queue)s
+), c AS (
+"""
+    + CLAIM_CANDIDATES.strip()
+    .replace("SELECT id, concurrency_key, key_limit, queue_slot FROM", "SELECT id, concurrency_key FROM")
+    .replace("\nORDER BY", _UNGATED)
+    + """
+), gate AS (
+    SELECT (SELECT concurrency_limit FROM q) AS concurrency_limit, coalesce((SELECT paused FROM q), false) AS paused,
+        EXISTS (SELECT 1 FROM c WHERE concurrency_key IS NOT NULL) AS keyed,
+        set_config('synchronous_commit', coalesce(%(commit)s::text, current_setting('synchronous_commit')), true)
+), """
+    + CLAIM_START.replace(
+        "WHERE id = ANY(%(ids)s::text[]) AND", "WHERE id IN (SELECT id FROM c) AND NOT (SELECT keyed FROM gate) AND"
+    )
+    .removeprefix("WITH ")
+    .replace("SELECT * FROM claimed", "SELECT claimed.*, gate.* FROM gate LEFT JOIN claimed ON true")
 )
 
 # --- settle -------------------------------------------------------------------------------------

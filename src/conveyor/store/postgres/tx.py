@@ -176,7 +176,16 @@ class PostgresTx(Tx):
             params["now"] = self._now
         return params
 
+    def _ready(self) -> None:
+        """Called before every statement: the store's own transactions begin here (driver._Tx)."""
+
+    def _raw(self, statement: str) -> None:
+        """A statement without parameters or results (savepoints)."""
+        self._ready()
+        self.conn.execute(statement)
+
     def _exec(self, text: str, params: dict[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        self._ready()
         return self.cur.execute(self._sql(text), self._params(params or {}))
 
     def _one(self, text: str, params: dict[str, Any] | None = None) -> Any:
@@ -186,6 +195,7 @@ class PostgresTx(Tx):
         return self._exec(text, params).fetchall()
 
     def _many(self, text: str, rows: list[dict[str, Any]]) -> None:
+        self._ready()
         if len(rows) == 1:  # one round trip, without executemany's pipeline set-up
             self._exec(text, rows[0])
         elif rows:
@@ -321,43 +331,42 @@ class PostgresTx(Tx):
             fresh.append(run)
         if not fresh:
             return results
-        self._many(
-            q.INSERT_RUN,
-            [
-                {
-                    "id": r.id,
-                    "env": environment,
-                    "task_id": r.task_id,
-                    "queue": r.queue,
-                    "status": r.status.value,
-                    "payload": r.payload,
-                    "available_at": float(r.available_at),
-                    "priority": r.priority,
-                    "ttl": r.ttl,
-                    "queued": r.status is RunStatus.QUEUED,
-                    "max_attempts": r.max_attempts,
-                    "retry": r.retry,
-                    "max_duration": r.max_duration,
-                    "concurrency_key": r.concurrency_key,
-                    "key_limit": r.key_limit,
-                    "queue_slot": bool(r.queue_slot),
-                    "idempotency_key": r.idempotency_key,
-                    "idempotency_key_ttl": r.idempotency_key_ttl,
-                    "tags": _dumps(r.tags) if r.tags else None,
-                    "metadata": r.metadata,
-                    "machine": r.machine,
-                    "version": r.version,
-                    "parent_id": r.parent_id,
-                    "root_id": r.root_id,
-                    "batch_id": r.batch_id,
-                    "trace_context": r.trace_context,
-                }
-                for r in fresh
-            ],
-        )
+        self._many(q.INSERT_RUN, [self.run_params(environment, r) for r in fresh])
         # Event 1 (the run's first status) is not written: event_list derives it from the row.
         self._many(q.INSERT_TAG, [{"env": environment, "tag": tag, "run_id": r.id} for r in fresh for tag in r.tags])
         return results
+
+    @staticmethod
+    def run_params(environment: str, r: NewRun) -> dict[str, Any]:
+        """The parameters of INSERT_RUN for one run."""
+        return {
+            "id": r.id,
+            "env": environment,
+            "task_id": r.task_id,
+            "queue": r.queue,
+            "status": r.status.value,
+            "payload": r.payload,
+            "available_at": float(r.available_at),
+            "priority": r.priority,
+            "ttl": r.ttl,
+            "queued": r.status is RunStatus.QUEUED,
+            "max_attempts": r.max_attempts,
+            "retry": r.retry,
+            "max_duration": r.max_duration,
+            "concurrency_key": r.concurrency_key,
+            "key_limit": r.key_limit,
+            "queue_slot": bool(r.queue_slot),
+            "idempotency_key": r.idempotency_key,
+            "idempotency_key_ttl": r.idempotency_key_ttl,
+            "tags": _dumps(r.tags) if r.tags else None,
+            "metadata": r.metadata,
+            "machine": r.machine,
+            "version": r.version,
+            "parent_id": r.parent_id,
+            "root_id": r.root_id,
+            "batch_id": r.batch_id,
+            "trace_context": r.trace_context,
+        }
 
     def _take_keys(self, environment: str, runs: Sequence[NewRun]) -> dict[tuple[str, str], str]:
         """The run owning each idempotency key of the batch: a live run already holding it, or
@@ -426,14 +435,41 @@ class PostgresTx(Tx):
             "lease": float(request.lease_seconds),
             "version": request.version,
         }
-        # Each start writes the runs, their attempt rows and EXECUTING events in one statement.
-        rows = common.claim_in_passes(
-            request.queues,
-            request.limit,
-            lambda queue, want: self._pick(request, queue, want),
-            lambda ids: self._all(q.CLAIM_START, {**start_params, "ids": ids}),
-        )
+
+        def take(queue: str, want: int) -> list[Any]:
+            taken = self._take_alone(request, queue, want, start_params)
+            if taken is not None:
+                return taken
+            picked = self._pick(request, queue, want)
+            # The runs, their attempt rows and EXECUTING events in one statement.
+            return self._all(q.CLAIM_START, {**start_params, "ids": picked}) if picked else []
+
+        rows = common.claim_in_passes(request.queues, request.limit, take)
         return [common.claimed_from_row(r, token, _same) for r in rows]
+
+    def _take_alone(
+        self, request: ClaimRequest, queue: str, want: int, start_params: dict[str, Any]
+    ) -> list[Any] | None:
+        """Up to `want` runs of a queue without a limit, when none of its first candidates has a
+        concurrency key, picked and started in one statement (CLAIM_ALONE); None when that does
+        not apply (the queue is then left to `_pick`). Queues found with a limit or keyed runs
+        go to `_pick` directly until `_pick` finds them plain again (`PostgresStore.plain_queues`)."""
+        plain = self.store.plain_queues
+        key = (request.environment, queue)
+        if key not in plain:
+            return None
+        params = {**self._candidates_params(request, queue, [], want, [], want), **start_params}
+        rows = self._claim_alone(self._sql(q.CLAIM_ALONE), self._params(params))
+        limit, paused, keyed, _ = rows[0][-4:]
+        if limit is not None or paused or keyed:
+            plain.discard(key)
+            return [] if paused else None
+        return [r[:-4] for r in rows if r[0] is not None]
+
+    def _claim_alone(self, statement: str, params: dict[str, Any]) -> list[Any]:
+        """CLAIM_ALONE's rows, in this transaction."""
+        self._ready()
+        return self.cur.execute(statement, {**params, "commit": None}).fetchall()
 
     def _lock_queue(self, env: str, queue: str) -> Any:
         """Lock the queue's row (its slot lock) until commit; None if another claimer holds it
@@ -450,16 +486,7 @@ class PostgresTx(Tx):
         params = {"env": env, "queue": queue}
 
         def candidates_params(full_keys: list[str], queue_free: int, picked: list[str], window: int) -> dict[str, Any]:
-            return {
-                **params,
-                "machine": request.machine,
-                "version": request.version,
-                "task_ids": request.task_ids,
-                "full_keys": full_keys,
-                "queue_free": queue_free,
-                "picked": picked,
-                "window": window,
-            }
+            return self._candidates_params(request, queue, full_keys, queue_free, picked, window)
 
         # The queue's settings and, when it has no limit, the first candidates: one round trip.
         first = self._all(q.CLAIM_FIRST_CANDIDATES, candidates_params([], want, [], want))
@@ -470,6 +497,8 @@ class PostgresTx(Tx):
         queue_locked = False
         if limit is None:
             prefetched = [r[:4] for r in first if r[0] is not None]
+            if all(r[1] is None for r in prefetched):  # plain: the next claim may use CLAIM_ALONE
+                self.store.plain_queues.add((env, queue))
         else:
             row = self._lock_queue(env, queue)
             if row is None:
@@ -520,6 +549,22 @@ class PostgresTx(Tx):
             if len(candidates) < window or not progress:
                 break
         return picked
+
+    @staticmethod
+    def _candidates_params(
+        request: ClaimRequest, queue: str, full_keys: list[str], queue_free: int, picked: list[str], window: int
+    ) -> dict[str, Any]:
+        return {
+            "env": request.environment,
+            "queue": queue,
+            "machine": request.machine,
+            "version": request.version,
+            "task_ids": request.task_ids,
+            "full_keys": full_keys,
+            "queue_free": queue_free,
+            "picked": picked,
+            "window": window,
+        }
 
     def _count_keys(self, env: str, queue: str, keys: list[str], queue_locked: bool, out: dict[str, int]) -> None:
         """Running counts of `keys` into `out` (-1: another claimer holds the key's lock)."""
@@ -659,15 +704,15 @@ class PostgresTx(Tx):
         deadline = time.monotonic() + _RENEW_PATIENCE
         pause = 0.002
         while time.monotonic() < deadline:
-            self.conn.execute("SAVEPOINT conveyor_renew")
+            self._raw("SAVEPOINT conveyor_renew")
             try:
                 rows = self._all(q.HEARTBEAT_NOWAIT, params)
             except pgerrors.LockNotAvailable:
-                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_renew")
+                self._raw("ROLLBACK TO SAVEPOINT conveyor_renew")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
                 continue
-            self.conn.execute("RELEASE SAVEPOINT conveyor_renew")
+            self._raw("RELEASE SAVEPOINT conveyor_renew")
             return rows
         # Busy for that long: wait like any statement (PostgreSQL breaks a rare deadlock).
         return self._all(q.HEARTBEAT, params)
@@ -813,15 +858,15 @@ class PostgresTx(Tx):
         deadline = time.monotonic() + _LOCK_PATIENCE
         pause = 0.002
         while time.monotonic() < deadline:
-            self.conn.execute("SAVEPOINT conveyor_wait")
+            self._raw("SAVEPOINT conveyor_wait")
             try:
                 started = self._apply_request(environment, req, nowait=True)
             except pgerrors.LockNotAvailable:
-                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_wait")
+                self._raw("ROLLBACK TO SAVEPOINT conveyor_wait")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
                 continue
-            self.conn.execute("RELEASE SAVEPOINT conveyor_wait")
+            self._raw("RELEASE SAVEPOINT conveyor_wait")
             return started
         return self._apply_request(environment, req, nowait=False)
 
@@ -914,21 +959,21 @@ class PostgresTx(Tx):
         deadline = time.monotonic() + _CANCEL_PATIENCE
         pause = 0.002
         while time.monotonic() < deadline:
-            self.conn.execute("SAVEPOINT conveyor_cancel")
+            self._raw("SAVEPOINT conveyor_cancel")
             try:
                 scope = self._cancel_scope_of(run_id)
                 self._all(q.LOCK_RUNS_NOWAIT, {"ids": scope})
                 again = self._cancel_scope_of(run_id)
             except pgerrors.LockNotAvailable:
-                self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_cancel")
+                self._raw("ROLLBACK TO SAVEPOINT conveyor_cancel")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
                 continue
             if set(again) <= set(scope):
-                self.conn.execute("RELEASE SAVEPOINT conveyor_cancel")
+                self._raw("RELEASE SAVEPOINT conveyor_cancel")
                 self._cancel_scope.update(scope)
                 return
-            self.conn.execute("ROLLBACK TO SAVEPOINT conveyor_cancel")
+            self._raw("ROLLBACK TO SAVEPOINT conveyor_cancel")
         scope = self._cancel_scope_of(run_id)
         self._all(q.LOCK_RUNS, {"ids": scope})
         self._cancel_scope.update(scope)

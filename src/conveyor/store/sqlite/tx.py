@@ -447,12 +447,12 @@ class SQLiteTx(Tx):
         token = os.urandom(8).hex()
         tasks_json = json.dumps(request.task_ids)
         start_params = (request.worker_id, token, now + request.lease_seconds, now, request.version)
-        rows = common.claim_in_passes(
-            request.queues,
-            request.limit,
-            lambda queue, want: self._pick(request, queue, want, tasks_json),
-            lambda ids: self._all(CLAIM_UPDATE, (*start_params, json.dumps(ids))),
-        )
+
+        def take(queue: str, want: int) -> list[Any]:
+            picked = self._pick(request, queue, want, tasks_json)
+            return self._all(CLAIM_UPDATE, (*start_params, json.dumps(picked))) if picked else []
+
+        rows = common.claim_in_passes(request.queues, request.limit, take)
         if not rows:
             return []
         # A resumed segment continues its attempt row (same number, first start kept).
