@@ -46,6 +46,33 @@ def test_insert_records_every_option_and_reads_it_back(h, clock):
     assert [e.data for e in h.engine.events(run_id)] == [{"status": "QUEUED"}]
 
 
+def test_a_batch_records_each_items_options(h, clock):
+    """A batch is one statement on PostgreSQL (an array per column): every item keeps its own
+    options, unset ones too, whole and fractional numbers side by side in one column."""
+    t = h.task("t")
+    items = [
+        TriggerOptions(tags=["a", "b"], ttl=600, max_duration=30, priority=5, concurrency_key="u1"),
+        TriggerOptions(),
+        TriggerOptions(ttl=1.5, max_duration=2.25, delay=60, metadata={"m": 1}, machine="large-1x", version="v2"),
+        TriggerOptions(tags=["c"], idempotency_key="k", idempotency_key_ttl=90, max_attempts=7),
+    ]
+    runs = [h.engine.prepare(t, f'{{"i": {i}}}', o) for i, o in enumerate(items)]
+    ids = [run_id for run_id, _ in h.engine.insert(runs)]
+    got = [h.engine.retrieve(i) for i in ids]
+    assert [r.payload for r in got] == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}]
+    assert [r.tags for r in got] == [["a", "b"], [], [], ["c"]]
+    assert [r.ttl for r in got] == [600, None, 1.5, None]
+    assert [r.max_duration for r in got] == [30, None, 2.25, None]
+    assert [r.priority for r in got] == [5, 0, 0, 0]
+    assert [r.concurrency_key for r in got] == ["u1", None, None, None]
+    assert [r.status for r in got] == [RunStatus.QUEUED, RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.QUEUED]
+    assert got[2].available_at == clock.now() + 60 and got[2].metadata == {"m": 1}
+    assert (got[2].machine, got[2].version, got[0].machine) == ("large-1x", "v2", "small-1x")
+    assert (got[3].idempotency_key, got[3].idempotency_key_ttl, got[3].max_attempts) == ("k", 90, 7)
+    assert len({r.batch_id for r in got}) == 1 and got[0].batch_id
+    assert [r.id for r in h.engine.list_runs(RunFilter(tags=["c"]))] == [ids[3]]
+
+
 def test_batch_dedupes_keys_and_keeps_input_order(h):
     t = h.task("t")
     existing = h.trigger(t, idempotency_key="old")

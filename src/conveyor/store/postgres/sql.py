@@ -180,8 +180,35 @@ VALUES (%(id)s, %(env)s, %(task_id)s, %(queue)s, %(status)s, %(payload)s::jsonb,
     CASE WHEN %(queued)s THEN %(now)s END, %(now)s)
 """
 
-INSERT_TAG = """
-INSERT INTO conveyor.run_tags (environment, tag, run_id) VALUES (%(env)s, %(tag)s, %(run_id)s)
+
+# INSERT_RUN for many runs in one statement: one array per column (tx._RUN_COLUMNS), so a batch is
+# one statement, not one execution per row. The arrays go in binary (`%()b`): psycopg's text
+# format escapes every element with a regex, which cost more than the insert itself.
+INSERT_RUNS = """
+INSERT INTO conveyor.runs (id, environment, task_id, queue, status, payload, available_at, priority, sort_key,
+    ttl, expires_at, max_attempts, retry, max_duration, concurrency_key, key_limit, queue_slot,
+    idempotency_key, idempotency_key_ttl, tags, metadata, machine, version, parent_id, root_id,
+    batch_id, trace_context, event_seq, created_at, queued_at, updated_at)
+SELECT r.id, %(env)s, r.task_id, r.queue, r.status, r.payload::jsonb, r.available_at, r.priority,
+    r.available_at - r.priority, r.ttl, CASE WHEN r.status = 'QUEUED' THEN %(now)s + r.ttl END,
+    r.max_attempts, r.retry::jsonb, r.max_duration, r.concurrency_key, r.key_limit, r.queue_slot,
+    r.idempotency_key, r.idempotency_key_ttl, r.tags::jsonb, r.metadata::jsonb, r.machine, r.version,
+    r.parent_id, r.root_id, r.batch_id, r.trace_context, 1, %(now)s,
+    CASE WHEN r.status = 'QUEUED' THEN %(now)s END, %(now)s
+FROM unnest(%(id)b::text[], %(task_id)b::text[], %(queue)b::text[], %(status)b::text[], %(payload)b::text[],
+    %(available_at)b::float8[], %(priority)b::int4[], %(ttl)b::float8[], %(max_attempts)b::int4[],
+    %(retry)b::text[], %(max_duration)b::float8[], %(concurrency_key)b::text[], %(key_limit)b::int4[],
+    %(queue_slot)b::bool[], %(idempotency_key)b::text[], %(idempotency_key_ttl)b::float8[], %(tags)b::text[],
+    %(metadata)b::text[], %(machine)b::text[], %(version)b::text[], %(parent_id)b::text[], %(root_id)b::text[],
+    %(batch_id)b::text[], %(trace_context)b::text[])
+    AS r(id, task_id, queue, status, payload, available_at, priority, ttl, max_attempts, retry, max_duration,
+    concurrency_key, key_limit, queue_slot, idempotency_key, idempotency_key_ttl, tags, metadata, machine,
+    version, parent_id, root_id, batch_id, trace_context)
+"""
+
+INSERT_TAGS = """
+INSERT INTO conveyor.run_tags (environment, tag, run_id)
+SELECT %(env)s, t, r FROM unnest(%(tags)b::text[], %(run_ids)b::text[]) AS x(t, r)
 ON CONFLICT DO NOTHING
 """
 

@@ -109,6 +109,29 @@ _LOCK_PATIENCE = 2.0  # the same for a wait on an existing run
 _CANCEL_PATIENCE = 1.0  # and for a cancel's runs, before it waits for them one by one
 
 
+# The per-run parameters of INSERT_RUN, and the columns of INSERT_RUNS (one array each).
+_RUN_COLUMNS = (
+    "id", "task_id", "queue", "status", "payload", "available_at", "priority", "ttl", "max_attempts", "retry",
+    "max_duration", "concurrency_key", "key_limit", "queue_slot", "idempotency_key", "idempotency_key_ttl", "tags",
+    "metadata", "machine", "version", "parent_id", "root_id", "batch_id", "trace_context",
+)  # fmt: skip
+
+
+def _run_values(r: NewRun) -> tuple[Any, ...]:
+    """A new run's values in _RUN_COLUMNS order; numbers of one column of one type (INSERT_RUNS's
+    binary arrays take no mix of int and float)."""
+    return (
+        r.id, r.task_id, r.queue, r.status.value, r.payload, float(r.available_at), r.priority, _float(r.ttl),
+        r.max_attempts, r.retry, _float(r.max_duration), r.concurrency_key, r.key_limit, bool(r.queue_slot),
+        r.idempotency_key, _float(r.idempotency_key_ttl), _dumps(r.tags) if r.tags else None, r.metadata, r.machine,
+        r.version, r.parent_id, r.root_id, r.batch_id, r.trace_context,
+    )  # fmt: skip
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
@@ -331,42 +354,23 @@ class PostgresTx(Tx):
             fresh.append(run)
         if not fresh:
             return results
-        self._many(q.INSERT_RUN, [self.run_params(environment, r) for r in fresh])
         # Event 1 (the run's first status) is not written: event_list derives it from the row.
-        self._many(q.INSERT_TAG, [{"env": environment, "tag": tag, "run_id": r.id} for r in fresh for tag in r.tags])
+        if len(fresh) == 1:
+            self._exec(q.INSERT_RUN, self.run_params(environment, fresh[0]))
+        else:
+            columns = zip(*(_run_values(r) for r in fresh), strict=True)
+            self._exec(q.INSERT_RUNS, {"env": environment, **dict(zip(_RUN_COLUMNS, map(list, columns), strict=True))})
+        tags = [(tag, r.id) for r in fresh for tag in r.tags]
+        if tags:
+            names, run_ids = zip(*tags, strict=True)
+            self._exec(q.INSERT_TAGS, {"env": environment, "tags": list(names), "run_ids": list(run_ids)})
         return results
 
     @staticmethod
     def run_params(environment: str, r: NewRun) -> dict[str, Any]:
         """The parameters of INSERT_RUN for one run."""
-        return {
-            "id": r.id,
-            "env": environment,
-            "task_id": r.task_id,
-            "queue": r.queue,
-            "status": r.status.value,
-            "payload": r.payload,
-            "available_at": float(r.available_at),
-            "priority": r.priority,
-            "ttl": r.ttl,
-            "queued": r.status is RunStatus.QUEUED,
-            "max_attempts": r.max_attempts,
-            "retry": r.retry,
-            "max_duration": r.max_duration,
-            "concurrency_key": r.concurrency_key,
-            "key_limit": r.key_limit,
-            "queue_slot": bool(r.queue_slot),
-            "idempotency_key": r.idempotency_key,
-            "idempotency_key_ttl": r.idempotency_key_ttl,
-            "tags": _dumps(r.tags) if r.tags else None,
-            "metadata": r.metadata,
-            "machine": r.machine,
-            "version": r.version,
-            "parent_id": r.parent_id,
-            "root_id": r.root_id,
-            "batch_id": r.batch_id,
-            "trace_context": r.trace_context,
-        }
+        values = dict(zip(_RUN_COLUMNS, _run_values(r), strict=True))
+        return {"env": environment, "queued": r.status is RunStatus.QUEUED, **values}
 
     def _take_keys(self, environment: str, runs: Sequence[NewRun]) -> dict[tuple[str, str], str]:
         """The run owning each idempotency key of the batch: a live run already holding it, or
