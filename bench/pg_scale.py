@@ -209,18 +209,23 @@ class Scale:
         store = self.use().engine.store
         out: dict[str, str] = {}
         request = ClaimRequest("dev", "explain", ["bench"], ["bench-noop", "bench-count", "bench-lat"], 100, 30.0)
-        with probes.captured() as seen:
+        # The usual claim (queue read and candidates, then CLAIM_START), then the one-statement
+        # claim of a queue known to have no limit (CLAIM_ALONE).
+        for plain in (False, True):
+            (store.plain_queues.add if plain else store.plain_queues.discard)(("dev", "bench"))
             try:
                 with store.transaction() as tx:
-                    tx.run_claim(request)
+                    assert tx.now  # begun: an idle claim alone would commit itself
+                    with probes.captured() as seen:
+                        tx.run_claim(request)
                     raise Rollback
             except Rollback:
                 pass
-        setup = ""
-        for i, (text, params) in enumerate(seen):
-            name = "claim_start" if "INSERT INTO" in text else f"claim_{i + 1}_candidates"
-            out[name] = probes.explain(self.db, text, params, setup=setup)
-            setup += psycopg_render(self.db, text, params) + ";\n"
+            setup = ""
+            for i, (text, params) in enumerate(seen):
+                name = "claim_start" if "INSERT INTO" in text else f"claim_{i + 1}_candidates"
+                out["claim_alone" if plain else name] = probes.explain(self.db, text, params, setup=setup)
+                setup += psycopg_render(self.db, text, params) + ";\n"
         with probes.captured() as seen:
             try:
                 with store.transaction() as tx:

@@ -138,7 +138,7 @@ class _Tx(PostgresTx):
         self.claim_only = not self.begun and self.alone is None and len(request.queues) == 1
         return super().run_claim(request)
 
-    def _claim_alone(self, statement: str, params: dict[str, Any]) -> list[Any]:
+    def _claim_alone(self, params: dict[str, Any]) -> list[Any]:
         """A claim that is this whole transaction (nothing before it; Engine writes nothing after
         a claim) is sent as one statement in autocommit, committed without waiting for the WAL
         flush: CLAIM_ALONE starts only runs of a queue without a limit and without a concurrency
@@ -146,10 +146,10 @@ class _Tx(PostgresTx):
         run execute again, which at-least-once delivery allows; no limit can be exceeded by it.
         Every other commit waits for its flush (docs/architecture.md, "Commits")."""
         if self.begun or not self.claim_only:
-            return super()._claim_alone(statement, params)
+            return super()._claim_alone(params)
         self.claim_only = False
         self.store.fresh(self)
-        return self.cur.execute(statement, {**params, "commit": "off"}).fetchall()
+        return self.cur.execute(self._sql(q.CLAIM_ALONE), self._params({**params, "commit": "off"})).fetchall()
 
     def run_insert_many(self, environment: str, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
         if self.begun or self.alone is not None or len(runs) != 1 or runs[0].idempotency_key is not None:

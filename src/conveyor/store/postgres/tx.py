@@ -462,18 +462,16 @@ class PostgresTx(Tx):
         key = (request.environment, queue)
         if key not in plain:
             return None
-        params = {**self._candidates_params(request, queue, [], want, [], want), **start_params}
-        rows = self._claim_alone(self._sql(q.CLAIM_ALONE), self._params(params))
+        rows = self._claim_alone({**self._candidates_params(request, queue, [], want, [], want), **start_params})
         limit, paused, keyed, _ = rows[0][-4:]
         if limit is not None or paused or keyed:
             plain.discard(key)
             return [] if paused else None
         return [r[:-4] for r in rows if r[0] is not None]
 
-    def _claim_alone(self, statement: str, params: dict[str, Any]) -> list[Any]:
+    def _claim_alone(self, params: dict[str, Any]) -> list[Any]:
         """CLAIM_ALONE's rows, in this transaction."""
-        self._ready()
-        return self.cur.execute(statement, {**params, "commit": None}).fetchall()
+        return self._all(q.CLAIM_ALONE, {**params, "commit": None})
 
     def _lock_queue(self, env: str, queue: str) -> Any:
         """Lock the queue's row (its slot lock) until commit; None if another claimer holds it
