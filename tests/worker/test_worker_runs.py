@@ -4,6 +4,7 @@ import time
 
 import worker_tasks as wt
 
+from conveyor.core.errors import StoreError
 from helpers import wait_until
 
 
@@ -186,3 +187,52 @@ def test_sync_steps_in_a_pool_child_replay_too(start_worker, tmp_path):
     run = wt.steps_sync.trigger({"log": str(log)}).wait(20)
     assert run.status.value == "COMPLETED" and run.output == ["S0", "S1", "S2"] and run.attempts == 2
     assert log.read_text().split() == ["s0", "s1", "s2"]
+
+
+def _journal_fails(monkeypatch, engine, times: int | None) -> dict[str, int]:
+    """engine.journal raises StoreError (a database that does not answer) the first `times`
+    times for each run (None: always); -> the failures per run id."""
+    real = engine.journal
+    failures: dict[str, int] = {}
+
+    def journal(run_id: str):
+        if times is None or failures.get(run_id, 0) < times:
+            failures[run_id] = failures.get(run_id, 0) + 1
+            raise StoreError("cannot reach the database (a test)")
+        return real(run_id)
+
+    monkeypatch.setattr(engine, "journal", journal)
+    return failures
+
+
+def test_a_replay_waits_out_a_store_that_does_not_answer(start_worker, live_client, monkeypatch, tmp_path):
+    """Loading the journal before a retry's code begins: a store error is asked again, not a
+    failure of the run (async tasks, and sync ones whose pool child waits for the answer)."""
+    failures = _journal_fails(monkeypatch, live_client.engine, 3)
+    start_worker()
+    wt.STEP_CALLS.clear()
+    async_run = wt.steps_async.trigger({"fail_until": 2}).wait(20)
+    sync_run = wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")}).wait(20)
+    assert (async_run.status.value, async_run.attempts) == ("COMPLETED", 2)
+    assert (sync_run.status.value, sync_run.attempts) == ("COMPLETED", 2)
+    assert failures == {async_run.id: 3, sync_run.id: 3}
+
+
+def test_a_replay_stopped_while_the_store_does_not_answer_settles(start_worker, live_client, monkeypatch, tmp_path):
+    """Canceled while its journal cannot be read: the run ends CANCELED (it is not held, renewed,
+    forever), and the pool child that was waiting for the journal takes the next run."""
+    failures = _journal_fails(monkeypatch, live_client.engine, None)
+    start_worker()
+    handles = [
+        wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")}),
+        wt.steps_async.trigger({"fail_until": 2}),
+    ]
+    for handle in handles:
+        deadline = time.monotonic() + 20
+        while failures.get(handle.id, 0) < 2:
+            assert time.monotonic() < deadline, "attempt 2 never asked for its journal"
+            time.sleep(0.02)
+        live_client.runs.cancel(handle.id)
+        assert handle.wait(10).status.value == "CANCELED"
+    monkeypatch.undo()
+    assert wt.sync_ok.trigger(21).wait(20).output["double"] == 42

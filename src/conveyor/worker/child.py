@@ -72,12 +72,15 @@ class PipeChannel:
 
     def load_journal_sync(self) -> Journal:
         self.conn.send(("journal",))
-        data = self._reply("journal")
+        data, stopped = self._reply("journal")
+        if data is None:  # the run was stopped while the worker could not read the journal
+            raise StopExecution(stopped)
         return Journal([StepRecord(**s) for s in data["steps"]], {k: WaitState(**w) for k, w in data["waits"].items()})
 
     def save_step_sync(self, step: StepRecord) -> None:
         self.conn.send(("step", asdict(step)))
-        if not self._reply("step_ok"):
+        (stored,) = self._reply("step_ok")
+        if not stored:
             raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
 
     async def load_journal(self) -> Journal:  # async hooks of sync tasks run here too
@@ -86,11 +89,11 @@ class PipeChannel:
     async def save_step(self, step: StepRecord) -> None:
         self.save_step_sync(step)
 
-    def _reply(self, kind: str) -> Any:
+    def _reply(self, kind: str) -> tuple[Any, ...]:
         while True:
             message = self.conn.recv()
             if message[0] == kind:
-                return message[1]
+                return tuple(message[1:])
 
 
 def main(conn: Connection, settings: dict[str, Any]) -> None:
@@ -132,7 +135,12 @@ def main(conn: Connection, settings: dict[str, Any]) -> None:
         )
         token = context.enter(execution)
         if run.attempt > 1 or run.segment > 1:  # a replay: know it from the first line of code
-            install_journal(execution, channel.load_journal_sync())
+            try:
+                install_journal(execution, channel.load_journal_sync())
+            except StopExecution as stop:  # stopped before its code began
+                context.leave(token)
+                conn.send(("stopped", stop.reason))
+                continue
         _stop_reason = None
         _running = True
         conn.send(("started",))

@@ -136,9 +136,17 @@ class SyncPool:
                     channel.metadata([MetadataOp(op, key, value) for op, key, value in message[1]], message[2])
                 elif kind == "chunk":
                     channel.stream(*message[1:])
-                elif kind == "journal":  # the child waits for the answer
-                    journal = await channel.load_journal()
-                    worker.conn.send(("journal", asdict(journal)))
+                elif kind == "journal":  # the child waits for the answer: it always gets one
+                    try:
+                        journal = await channel.load_journal()
+                    except StopExecution as stop:  # stopped while the store did not answer
+                        worker.conn.send(("journal", None, stop.reason))
+                    except BaseException:
+                        healthy = False  # it would wait for an answer forever: not reused
+                        await self._kill(worker)
+                        raise
+                    else:
+                        worker.conn.send(("journal", asdict(journal), None))
                 elif kind == "step":
                     try:
                         await channel.save_step(StepRecord(**message[1]))

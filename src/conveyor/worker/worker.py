@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from conveyor.core.backoff import RetryPolicy
-from conveyor.core.errors import ConveyorError
+from conveyor.core.errors import ConveyorError, StoreError
 from conveyor.core.ids import new_id
 from conveyor.core.records import (
     DEFAULT_MACHINE,
@@ -55,7 +55,7 @@ from conveyor.worker.attempt import (
     build_context,
     run_attempt,
 )
-from conveyor.worker.pool import SyncPool
+from conveyor.worker.pool import SyncPool, synthesized
 
 log = logging.getLogger("conveyor.worker")
 T = TypeVar("T")
@@ -115,7 +115,20 @@ class _LocalChannel:
         self.worker._add_chunk(StreamChunk(self.run.id, self.run.lease_token, self.run.attempt, key, chunk, ts))
 
     async def load_journal(self) -> Journal:
-        return await self.worker._store(self.worker.engine.journal, self.run.id)
+        """The run's journal. A store that does not answer (a database restart) is asked again,
+        for as long as the run is ours: once it is stopped (its lease renewals stalled too, a
+        cancel) this raises StopExecution with the reason, and the run is settled as stopped."""
+        pause = 0.1
+        while True:
+            try:
+                return await self.worker._store(self.worker.engine.journal, self.run.id)
+            except StoreError as exc:
+                log.error("store error, retrying: the journal of run %s: %s", self.run.id, exc)
+            entry = self.worker.running.get(self.run.id)
+            if entry is None or entry.reason is not None:
+                raise StopExecution(entry.reason if entry is not None and entry.reason else RELEASED)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def save_step(self, step: StepRecord) -> None:
         step.lease_token = self.run.lease_token
@@ -492,7 +505,10 @@ class Worker:
         token = context.enter(execution)
         try:
             if run.attempt > 1 or run.segment > 1:  # a replay: know it from the first line of code
-                await load_journal(execution)
+                try:
+                    await load_journal(execution)
+                except StopExecution as stop:  # stopped before its code began
+                    return synthesized(run, stop.reason)
             if task.is_async:
                 call = _caller(task, ctx)
             else:
