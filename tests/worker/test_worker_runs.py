@@ -1,5 +1,6 @@
 """A real worker executing real code: outcomes, hooks, logs, metadata, retries, stops."""
 
+import threading
 import time
 
 import worker_tasks as wt
@@ -236,3 +237,26 @@ def test_a_replay_stopped_while_the_store_does_not_answer_settles(start_worker, 
         assert handle.wait(10).status.value == "CANCELED"
     monkeypatch.undo()
     assert wt.sync_ok.trigger(21).wait(20).output["double"] == 42
+
+
+def test_an_async_replay_stopped_while_its_journal_loads_settles(start_worker, live_client, monkeypatch):
+    """A stop (here a cancel) that lands while an async run's journal is loading, before its code
+    began: the run is settled (CANCELED), not left held by the worker for good."""
+    real = live_client.engine.journal
+    loading = threading.Event()
+    calls: list[str] = []
+
+    def slow_journal(run_id: str):
+        calls.append(run_id)
+        if len(calls) == 2:  # attempt 1 read it at its first step; attempt 2 before its code
+            loading.set()
+            time.sleep(1.0)
+        return real(run_id)
+
+    monkeypatch.setattr(live_client.engine, "journal", slow_journal)
+    start_worker()
+    handle = wt.steps_async.trigger({"fail_until": 2})
+    assert loading.wait(20), "attempt 2 never loaded its journal"
+    live_client.runs.cancel(handle.id)
+    run = handle.wait(10)
+    assert (run.status.value, run.attempts) == ("CANCELED", 2)

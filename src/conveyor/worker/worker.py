@@ -479,6 +479,12 @@ class Worker:
                 outcome = await self._pool.run(
                     run, _LocalChannel(self, run), entry.stopper, lambda: self._start_timer(entry)
                 )
+        except asyncio.CancelledError:
+            if entry.reason is None:
+                raise  # the worker itself is being torn down
+            # `_stop` cancelled it before run_attempt took over (a replay's journal was loading):
+            # settle it as stopped, or it would stay held, its lease renewed, and never run.
+            outcome = synthesized(run, entry.reason)
         except Exception as exc:  # a Conveyor fault, never user code: report it, keep going
             log.exception("run %s: executing failed inside the worker", run.id)
             outcome = Outcome(
