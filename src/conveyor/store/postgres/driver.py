@@ -118,11 +118,13 @@ class _Tx(PostgresTx):
         self.begun = False
         self.alone: tuple[str, NewRun] | None = None  # (environment, run): its insert waits for the commit
         self.claim_only = False  # run_claim of one queue, before anything else
+        self.held = True  # `conn` is ours to give back to the pool
 
     def use(self, conn: psycopg.Connection) -> None:
         """Another pooled connection, before anything was done on this one."""
         self.conn = conn
         self.cur = conn.cursor(row_factory=tuple_row)
+        self.held = True
 
     def _ready(self) -> None:
         if self.begun:
@@ -359,7 +361,14 @@ class PostgresStore(Store):
                 else:
                     self._commit_alone(tx, notifies)
             finally:
-                self.pool.putconn(tx.conn)
+                if tx.held:
+                    self.pool.putconn(tx.conn)
+
+    def _reconnect(self, tx: _Tx) -> None:
+        """Give `tx`'s connection back (a broken or closed one is discarded) and take another."""
+        tx.held = False
+        self.pool.putconn(tx.conn)
+        tx.use(self._getconn())
 
     def begin(self, tx: _Tx) -> None:
         """BEGIN for a transaction of `transaction()`. A pooled connection that died while idle
@@ -371,8 +380,7 @@ class PostgresStore(Store):
             except psycopg.OperationalError:
                 if attempt == 2:
                     raise
-                self.pool.putconn(tx.conn)  # a broken one is discarded
-                tx.use(self._getconn())
+                self._reconnect(tx)
 
     def fresh(self, tx: _Tx) -> None:
         """Before a statement that cannot be sent twice goes out in autocommit on a pooled
@@ -383,8 +391,7 @@ class PostgresStore(Store):
             if not ready:
                 return
             tx.conn.close()
-            self.pool.putconn(tx.conn)  # a closed one is discarded
-            tx.use(self._getconn())
+            self._reconnect(tx)
 
     def _commit_alone(self, tx: _Tx, notifies: list[tuple[str, str]]) -> None:
         """Commit a transaction that has not begun: its run's insert (`_Tx.alone`) and NOTIFYs in
@@ -416,8 +423,7 @@ class PostgresStore(Store):
             except psycopg.OperationalError:
                 if attempt == 2 or not tx.conn.broken:
                     raise
-                self.pool.putconn(tx.conn)
-                tx.use(self._getconn())
+                self._reconnect(tx)
 
     @contextmanager
     def read(self) -> Iterator[PostgresTx]:
