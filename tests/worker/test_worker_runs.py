@@ -190,14 +190,16 @@ def test_sync_steps_in_a_pool_child_replay_too(start_worker, tmp_path):
     assert log.read_text().split() == ["s0", "s1", "s2"]
 
 
-def _journal_fails(monkeypatch, engine, times: int | None) -> dict[str, int]:
-    """engine.journal raises StoreError (a database that does not answer) the first `times`
-    times for each run (None: always); -> the failures per run id."""
+def _journal_fails(monkeypatch, engine, times: int | None, after: int = 0) -> dict[str, int]:
+    """engine.journal raises StoreError (a database that does not answer) `times` times for each
+    run (None: always), once `after` reads of it went well; -> the failures per run id."""
     real = engine.journal
     failures: dict[str, int] = {}
+    reads: dict[str, int] = {}
 
     def journal(run_id: str):
-        if times is None or failures.get(run_id, 0) < times:
+        reads[run_id] = reads.get(run_id, 0) + 1
+        if reads[run_id] > after and (times is None or failures.get(run_id, 0) < times):
             failures[run_id] = failures.get(run_id, 0) + 1
             raise StoreError("cannot reach the database (a test)")
         return real(run_id)
@@ -220,9 +222,10 @@ def test_a_replay_waits_out_a_store_that_does_not_answer(start_worker, live_clie
 
 
 def test_a_replay_stopped_while_the_store_does_not_answer_settles(start_worker, live_client, monkeypatch, tmp_path):
-    """Canceled while its journal cannot be read: the run ends CANCELED (it is not held, renewed,
-    forever), and the pool child that was waiting for the journal takes the next run."""
-    failures = _journal_fails(monkeypatch, live_client.engine, None)
+    """Canceled while the journal of its retry cannot be read, before its code began: the run
+    ends CANCELED (it is not held, renewed, forever), and the pool child that was waiting for the
+    journal takes the next run. (Attempt 1 reads the journal at its first step.)"""
+    failures = _journal_fails(monkeypatch, live_client.engine, None, after=1)
     start_worker()
     handles = [
         wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")}),
