@@ -125,8 +125,9 @@ class _LocalChannel:
             except StoreError as exc:
                 log.error("store error, retrying: the journal of run %s: %s", self.run.id, exc)
             entry = self.worker.running.get(self.run.id)
-            if entry is None or entry.reason is not None:
-                raise StopExecution(entry.reason if entry is not None and entry.reason else RELEASED)
+            reason = RELEASED if entry is None else entry.reason
+            if reason is not None:
+                raise StopExecution(reason)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
