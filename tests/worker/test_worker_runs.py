@@ -263,3 +263,22 @@ def test_an_async_replay_stopped_while_its_journal_loads_settles(start_worker, l
     live_client.runs.cancel(handle.id)
     run = handle.wait(10)
     assert (run.status.value, run.attempts) == ("CANCELED", 2)
+
+
+def test_a_sync_run_stopped_in_a_step_while_the_store_does_not_answer(start_worker, live_client, monkeypatch, tmp_path):
+    """A sync run waiting in its first step for a journal the store cannot give, then canceled:
+    the worker answers the child "stopped" and signals it too, since its code had begun. The
+    child stops once (the late signal must not raise again while it reports the stop, which
+    ended the process) and takes the next run."""
+    failures = _journal_fails(monkeypatch, live_client.engine, None)
+    start_worker(concurrency=1)
+    for _ in range(3):
+        handle = wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")})
+        deadline = time.monotonic() + 20
+        while failures.get(handle.id, 0) < 2:
+            assert time.monotonic() < deadline, "the first step never asked for the journal"
+            time.sleep(0.02)
+        live_client.runs.cancel(handle.id)
+        assert handle.wait(10).status.value == "CANCELED"
+    monkeypatch.undo()
+    assert wt.sync_ok.trigger(21).wait(20).output["double"] == 42

@@ -42,6 +42,8 @@ SIGNAL_FOR = {reason: sig for sig, reason in STOP_SIGNALS.items()}
 
 _running = False
 _stop_reason: str | None = None  # why the current run was stopped (the code may swallow the raise)
+_in_pipe = False  # a message to or from the worker is under way
+_pending_stop: str | None = None  # a stop that arrived meanwhile
 
 
 def _why_stopped() -> str | None:
@@ -49,10 +51,58 @@ def _why_stopped() -> str | None:
 
 
 def _on_stop(signum: int, _frame: Any) -> None:
+    # Once per run: a signal that lands while the run is already stopping (the parent signals a
+    # run it saw stopped, while the child is reporting that stop) must not raise a second time,
+    # out of the handler of the first, which would end this process. And never in the middle of
+    # a message to or from the worker (`_send`, `_receive`): it is raised once that is whole.
+    global _pending_stop
+    if not _running or _stop_reason is not None:
+        return
+    reason = STOP_SIGNALS[signal.Signals(signum)]
+    if _in_pipe:
+        _pending_stop = reason
+        return
+    raise _stopping(reason)
+
+
+def _send(conn: Connection, message: tuple[Any, ...]) -> None:
+    """A message to the worker that a stop cannot cut in two: a raise between the writes of a
+    large message, or in the middle of reading an answer (`_receive`), would leave half a
+    message in the pipe, which the next read takes for another, and this process ends."""
+    global _in_pipe
+    _in_pipe = True
+    try:
+        conn.send(message)
+    finally:
+        _in_pipe = False
+    _raise_pending()
+
+
+def _receive(conn: Connection) -> Any:
+    """The next message from the worker, whole (see `_send`)."""
+    global _in_pipe
+    _in_pipe = True
+    try:
+        message = conn.recv()
+    finally:
+        _in_pipe = False
+    _raise_pending()
+    return message
+
+
+def _raise_pending() -> None:
+    global _pending_stop
+    if _pending_stop is not None:
+        reason, _pending_stop = _pending_stop, None
+        if _running and _stop_reason is None:
+            raise _stopping(reason)
+
+
+def _stopping(reason: str) -> StopExecution:
+    """The stop of the current run, remembered (the code may swallow the raise)."""
     global _stop_reason
-    if _running:
-        _stop_reason = STOP_SIGNALS[signal.Signals(signum)]
-        raise StopExecution(_stop_reason)
+    _stop_reason = reason
+    return StopExecution(reason)
 
 
 class PipeChannel:
@@ -62,26 +112,26 @@ class PipeChannel:
         self.conn = conn
 
     def log(self, level: str, message: str, attributes: dict[str, Any] | None, ts: float) -> None:
-        self.conn.send(("log", level, message, attributes, ts))
+        _send(self.conn, ("log", level, message, attributes, ts))
 
     def metadata(self, ops: list[MetadataOp], run_id: str | None = None) -> None:
-        self.conn.send(("meta", [(op.op, op.key, op.value) for op in ops], run_id))
+        _send(self.conn, ("meta", [(op.op, op.key, op.value) for op in ops], run_id))
 
     def stream(self, key: str, chunk: str, ts: float) -> None:
-        self.conn.send(("chunk", key, chunk, ts))
+        _send(self.conn, ("chunk", key, chunk, ts))
 
     def load_journal_sync(self) -> Journal:
-        self.conn.send(("journal",))
+        _send(self.conn, ("journal",))
         data, stopped = self._reply("journal")
         if data is None:  # the run was stopped while the worker could not read the journal
-            raise StopExecution(stopped)
+            raise _stopping(stopped)
         return Journal([StepRecord(**s) for s in data["steps"]], {k: WaitState(**w) for k, w in data["waits"].items()})
 
     def save_step_sync(self, step: StepRecord) -> None:
-        self.conn.send(("step", asdict(step)))
+        _send(self.conn, ("step", asdict(step)))
         (stored,) = self._reply("step_ok")
         if not stored:
-            raise StopExecution(LEASE_LOST)  # the run is someone else's now: stop its code
+            raise _stopping(LEASE_LOST)  # the run is someone else's now: stop its code
 
     async def load_journal(self) -> Journal:  # async hooks of sync tasks run here too
         return self.load_journal_sync()
@@ -91,13 +141,13 @@ class PipeChannel:
 
     def _reply(self, kind: str) -> tuple[Any, ...]:
         while True:
-            message = self.conn.recv()
+            message = _receive(self.conn)
             if message[0] == kind:
                 return tuple(message[1:])
 
 
 def main(conn: Connection, settings: dict[str, Any]) -> None:
-    global _running, _stop_reason
+    global _running, _stop_reason, _pending_stop
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it decides
@@ -134,26 +184,26 @@ def main(conn: Connection, settings: dict[str, Any]) -> None:
             sync=True,
         )
         token = context.enter(execution)
+        _stop_reason = _pending_stop = None
         if run.attempt > 1 or run.segment > 1:  # a replay: know it from the first line of code
             try:
                 install_journal(execution, channel.load_journal_sync())
             except StopExecution as stop:  # stopped before its code began
                 context.leave(token)
-                conn.send(("stopped", stop.reason))
+                _send(conn, ("stopped", stop.reason))
                 continue
-        _stop_reason = None
         _running = True
-        conn.send(("started",))
         try:
+            _send(conn, ("started",))  # a stop from here on is the run's: caught below
             outcome = asyncio.run(run_attempt(task, run, ctx, SYSTEM_CLOCK, _caller(task, ctx), _why_stopped))
         except StopExecution as stop:  # arrived outside the attempt's own handlers
             outcome = None
-            conn.send(("stopped", stop.reason))
+            _send(conn, ("stopped", stop.reason))
             continue
         finally:
             _running = False
             context.leave(token)
-        conn.send(("done", None if outcome is None else asdict(outcome)))
+        _send(conn, ("done", None if outcome is None else asdict(outcome)))
 
 
 def _caller(task: Any, ctx: Any) -> Any:
