@@ -208,6 +208,13 @@ def _journal_fails(monkeypatch, engine, times: int | None, after: int = 0) -> di
     return failures
 
 
+def _cancel_when_refused_twice(client, handle, failures: dict[str, int]) -> None:
+    """Once the run's journal was refused twice, cancel it: it must end CANCELED."""
+    wait_until(lambda: failures.get(handle.id, 0) >= 2, timeout=20)
+    client.runs.cancel(handle.id)
+    assert handle.wait(10).status.value == "CANCELED"
+
+
 def test_a_replay_waits_out_a_store_that_does_not_answer(start_worker, live_client, monkeypatch, tmp_path):
     """Loading the journal before a retry's code begins: a store error is asked again, not a
     failure of the run (async tasks, and sync ones whose pool child waits for the answer)."""
@@ -232,12 +239,7 @@ def test_a_replay_stopped_while_the_store_does_not_answer_settles(start_worker, 
         wt.steps_async.trigger({"fail_until": 2}),
     ]
     for handle in handles:
-        deadline = time.monotonic() + 20
-        while failures.get(handle.id, 0) < 2:
-            assert time.monotonic() < deadline, "attempt 2 never asked for its journal"
-            time.sleep(0.02)
-        live_client.runs.cancel(handle.id)
-        assert handle.wait(10).status.value == "CANCELED"
+        _cancel_when_refused_twice(live_client, handle, failures)
     monkeypatch.undo()
     assert wt.sync_ok.trigger(21).wait(20).output["double"] == 42
 
@@ -273,12 +275,6 @@ def test_a_sync_run_stopped_in_a_step_while_the_store_does_not_answer(start_work
     failures = _journal_fails(monkeypatch, live_client.engine, None)
     start_worker(concurrency=1)
     for _ in range(3):
-        handle = wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")})
-        deadline = time.monotonic() + 20
-        while failures.get(handle.id, 0) < 2:
-            assert time.monotonic() < deadline, "the first step never asked for the journal"
-            time.sleep(0.02)
-        live_client.runs.cancel(handle.id)
-        assert handle.wait(10).status.value == "CANCELED"
+        _cancel_when_refused_twice(live_client, wt.steps_sync.trigger({"log": str(tmp_path / "steps.log")}), failures)
     monkeypatch.undo()
     assert wt.sync_ok.trigger(21).wait(20).output["double"] == 42
