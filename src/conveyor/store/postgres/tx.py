@@ -60,8 +60,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -102,6 +102,7 @@ from conveyor.store.postgres import sql as q
 if TYPE_CHECKING:
     from conveyor.store.postgres.driver import PostgresStore
 
+T = TypeVar("T")
 _STATUS_EVENT = {s: json.dumps({"status": s.value}) for s in RunStatus}
 _DEFAULT_KEY_TTL = 30 * 86400.0
 _RENEW_PATIENCE = 2.0  # seconds the heartbeat retries its all-or-none row locks
@@ -703,21 +704,31 @@ class PostgresTx(Tx):
         """Renew with every row lock taken at once (NOWAIT, under a savepoint); when one is busy,
         let go of all and try again shortly: the worker's own exchange, which locks the same
         rows in its own order, is never left waiting on the heartbeat."""
-        deadline = time.monotonic() + _RENEW_PATIENCE
+        rows = self._nowait("conveyor_renew", _RENEW_PATIENCE, lambda: self._all(q.HEARTBEAT_NOWAIT, params))
+        # Busy for that long: wait like any statement (PostgreSQL breaks a rare deadlock).
+        return rows if rows is not None else self._all(q.HEARTBEAT, params)
+
+    def _nowait(self, savepoint: str, patience: float, attempt: Callable[[], T | None]) -> T | None:
+        """`attempt` (statements that lock rows NOWAIT) under a savepoint: while a row is busy
+        (LockNotAvailable), let go of everything since the savepoint and try again shortly;
+        when it returns None, let go and try again at once. -> its result, or None if it did not
+        go through within `patience` seconds (the caller then waits like any statement)."""
+        deadline = time.monotonic() + patience
         pause = 0.002
         while time.monotonic() < deadline:
-            self._raw("SAVEPOINT conveyor_renew")
+            self._raw(f"SAVEPOINT {savepoint}")
             try:
-                rows = self._all(q.HEARTBEAT_NOWAIT, params)
+                result = attempt()
             except pgerrors.LockNotAvailable:
-                self._raw("ROLLBACK TO SAVEPOINT conveyor_renew")
+                self._raw(f"ROLLBACK TO SAVEPOINT {savepoint}")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
                 continue
-            self._raw("RELEASE SAVEPOINT conveyor_renew")
-            return rows
-        # Busy for that long: wait like any statement (PostgreSQL breaks a rare deadlock).
-        return self._all(q.HEARTBEAT, params)
+            if result is not None:
+                self._raw(f"RELEASE SAVEPOINT {savepoint}")
+                return result
+            self._raw(f"ROLLBACK TO SAVEPOINT {savepoint}")
+        return None
 
     def run_cancel_requested(self, worker_id: str) -> list[str]:
         return [r[0] for r in self._all(q.CANCEL_REQUESTED, {"worker_id": worker_id})]
@@ -857,20 +868,10 @@ class PostgresTx(Tx):
         # transaction holds the key: that run's final settle locks the run, then deletes the key
         # (FAILED and the like free it). So: try without waiting, and on a busy run let go of
         # everything since the savepoint (the key too), as the heartbeat does.
-        deadline = time.monotonic() + _LOCK_PATIENCE
-        pause = 0.002
-        while time.monotonic() < deadline:
-            self._raw("SAVEPOINT conveyor_wait")
-            try:
-                started = self._apply_request(environment, req, nowait=True)
-            except pgerrors.LockNotAvailable:
-                self._raw("ROLLBACK TO SAVEPOINT conveyor_wait")
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-                continue
-            self._raw("RELEASE SAVEPOINT conveyor_wait")
-            return started
-        return self._apply_request(environment, req, nowait=False)
+        started = self._nowait(
+            "conveyor_wait", _LOCK_PATIENCE, lambda: self._apply_request(environment, req, nowait=True)
+        )
+        return started if started is not None else self._apply_request(environment, req, nowait=False)
 
     def _apply_request(self, environment: str, req: WaitRequest, nowait: bool) -> list[str]:
         """A wait request that starts runs, after WAIT_LEASE."""
@@ -958,26 +959,16 @@ class PostgresTx(Tx):
         cannot grow while it is locked (only an EXECUTING run of it adds children, and its
         suspension needs its row). Still busy after a while: wait for each in turn, children
         before parents (deepest first), the order of every settle."""
-        deadline = time.monotonic() + _CANCEL_PATIENCE
-        pause = 0.002
-        while time.monotonic() < deadline:
-            self._raw("SAVEPOINT conveyor_cancel")
-            try:
-                scope = self._cancel_scope_of(run_id)
-                self._all(q.LOCK_RUNS_NOWAIT, {"ids": scope})
-                again = self._cancel_scope_of(run_id)
-            except pgerrors.LockNotAvailable:
-                self._raw("ROLLBACK TO SAVEPOINT conveyor_cancel")
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-                continue
-            if set(again) <= set(scope):
-                self._raw("RELEASE SAVEPOINT conveyor_cancel")
-                self._cancel_scope.update(scope)
-                return
-            self._raw("ROLLBACK TO SAVEPOINT conveyor_cancel")
-        scope = self._cancel_scope_of(run_id)
-        self._all(q.LOCK_RUNS, {"ids": scope})
+
+        def lock_all() -> list[str] | None:
+            scope = self._cancel_scope_of(run_id)
+            self._all(q.LOCK_RUNS_NOWAIT, {"ids": scope})
+            return scope if set(self._cancel_scope_of(run_id)) <= set(scope) else None  # grew: again
+
+        scope = self._nowait("conveyor_cancel", _CANCEL_PATIENCE, lock_all)
+        if scope is None:
+            scope = self._cancel_scope_of(run_id)
+            self._all(q.LOCK_RUNS, {"ids": scope})
         self._cancel_scope.update(scope)
 
     def _cancel_scope_of(self, run_id: str) -> list[str]:
