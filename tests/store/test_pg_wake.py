@@ -175,12 +175,7 @@ def test_with_no_idle_worker_every_worker_of_the_queue_is_woken(engine, workers)
 
 def test_a_wake_up_the_worker_could_not_serve_goes_to_the_others(engine, workers):
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     trigger(engine, t)
     assert a.next() == TARGETED
     assert b.quiet(0.1)  # (the watchdog would forward it after 0.25 s)
@@ -192,12 +187,7 @@ def test_a_wake_up_the_worker_could_not_serve_goes_to_the_others(engine, workers
 def test_a_wake_up_never_reported_is_passed_on(engine, workers):
     """A worker whose loop is blocked never reports: the listener forwards after _WATCHDOG."""
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     trigger(engine, t)
     assert a.next() == TARGETED
     started = time.monotonic()
@@ -207,12 +197,7 @@ def test_a_wake_up_never_reported_is_passed_on(engine, workers):
 
 def test_reports_cover_only_the_wake_ups_received_before_them(engine, workers):
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     before = time.monotonic()
     trigger(engine, t)
     assert a.next() == TARGETED
@@ -225,12 +210,7 @@ def test_reports_cover_only_the_wake_ups_received_before_them(engine, workers):
 def test_a_pick_committed_after_the_worker_filled_up_is_passed_on(engine, workers, pg_store, postgres_url):
     """The producer chose `a` (its advert was up) but commits after `a` withdrew it."""
     task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     with psycopg.connect(postgres_url) as producer:
         pick(producer, pg_store, "q")  # chooses a (the only advert), pins it, not committed
         a.serve(["q"], ["t"], available=False)
@@ -244,12 +224,7 @@ def test_a_closing_worker_waits_for_the_producers_that_picked_it_and_passes_thei
     engine, workers, pg_store, postgres_url
 ):
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     with psycopg.connect(postgres_url) as producer:
         pick(producer, pg_store, "q")
         closing = threading.Thread(target=a.listener.close)
@@ -270,12 +245,7 @@ def test_a_pick_of_a_closing_worker_goes_to_the_queue(engine, workers, pg_store,
     """A producer that reads the advert while the worker closes cannot pin it: it notifies the
     queue's channel instead."""
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     with psycopg.connect(postgres_url, autocommit=True) as closing:
         # As the closing listener does, before it stops listening: take its slot's pin.
         locks = pg_listen.worker_locks(closing.info.dbname, pg_store.schema, "dev", "q", DEFAULT_MACHINE, None)
@@ -411,12 +381,7 @@ class FakeLoan:
 
 def test_an_idle_worker_s_listener_claims_itself_with_the_loan_and_passes_on_what_it_could_not(engine, workers):
     t = task(engine, "t", "q")
-    a, b = workers("a"), workers("b")
-    a.serve(["q"], ["t"])
-    a.advertising("q")
-    b.serve(["q"], ["t"], available=False)
-    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
-    b.drain()
+    a, b = idle_and_busy(workers)
     loan = FakeLoan(served=True)
     a.listener.lend(loan)
     trigger(engine, t)
@@ -456,6 +421,17 @@ def test_a_claim_loan_is_made_once_and_never_after_the_worker_took_it_back():
         assert full.take() and not await asyncio.to_thread(full.run)  # it filled the worker
 
     asyncio.run(scenario())
+
+
+def idle_and_busy(workers):
+    """Two workers of queue "q": `a` idle and advertising, `b` listening but without a free slot."""
+    a, b = workers("a"), workers("b")
+    a.serve(["q"], ["t"])
+    a.advertising("q")
+    b.serve(["q"], ["t"], available=False)
+    wait_for(lambda: b.listener.listened == ("q",), "the queue channels")
+    b.drain()
+    return a, b
 
 
 def pick(producer: psycopg.Connection, store: PostgresStore, queue_name: str) -> None:
