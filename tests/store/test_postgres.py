@@ -24,7 +24,7 @@ from conveyor.core.errors import ConfigError, SchemaMismatch, StoreError
 from conveyor.core.records import ClaimRequest, MetadataOp, Outcome, OutcomeKind, QueueSpec, RunFilter, TaskRecord
 from conveyor.core.status import RunStatus
 from conveyor.engine import Engine, TriggerOptions
-from conveyor.engine.notify import CANCEL, WORK
+from conveyor.engine.notify import CANCEL, DELAYED, WORK
 from conveyor.store import open_store
 from conveyor.store.postgres import PostgresStore, migrate
 
@@ -323,6 +323,9 @@ def test_notify_reaches_listeners_only_when_the_transaction_commits(pg_store):
         assert got.empty()  # the rolled-back insert woke nobody
         run_id, _ = trigger(engine, task)  # commits: the environment's workers are woken
         assert got.get(timeout=10) == WORK
+        with pg_store.transaction() as tx:  # a wake-up alone: sent at the commit, no BEGIN needed
+            assert tx.wake("dev", DELAYED)
+        assert _drain_until_within(got, DELAYED, 10)
         claimed = engine.claim(ClaimRequest("dev", "worker-1", ["t"], ["t"], 1, 30))
         assert [c.id for c in claimed] == [run_id]
         engine.cancel(run_id)  # the holding worker is told on its own channel

@@ -394,31 +394,28 @@ class PostgresStore(Store):
             self._reconnect(tx)
 
     def _commit_alone(self, tx: _Tx, notifies: list[tuple[str, str]]) -> None:
-        """Commit a transaction that has not begun: its run's insert (`_Tx.alone`) and NOTIFYs in
-        one statement in autocommit (sql.insert_run_alone). The statement may be sent again on a
-        fresh connection when the connection fails: the run's id makes it idempotent."""
+        """Commit a transaction that has not begun: its run's insert (`_Tx.alone`) and its
+        NOTIFYs as one statement in autocommit (sql.insert_run_alone), or the NOTIFYs alone. It
+        may be sent again on a fresh connection when the connection fails: the run's id makes
+        the insert idempotent, and a wake-up twice costs one empty claim."""
         picks, plain = self._wakes(tx.conn, notifies, tx.pending)
-        if len(picks) > 1 or (tx.alone is None and (picks or plain)):  # not one run's trigger
-            tx._ready()
-            self._commit(tx.conn, notifies, tx.pending)
-            return
-        if tx.alone is None:
+        if tx.alone is None and not plain and not picks:
             return  # nothing was asked of the database
-        environment, run = tx.alone
-        expression = q.NOTIFY_EACH
-        params = {
-            **PostgresTx.run_params(environment, run),
-            "tag_list": list(run.tags),
-            "channels": [c for c, _ in plain],
-            "payloads": [p for _, p in plain],
-        }
-        for statement, values in picks:
-            expression += f" + (SELECT count(*) FROM ({statement}) AS pick)"
+        # Queue wake-ups come from inserts: at most one run here, so at most one pick.
+        expression = q.NOTIFY_EACH + "".join(f" + (SELECT count(*) FROM ({text}) AS pick)" for text, _ in picks)
+        params: dict[str, Any] = {"channels": [c for c, _ in plain], "payloads": [p for _, p in plain]}
+        for _, values in picks:
             params.update(values)
-        text = tx._sql(q.insert_run_alone(expression))
+        if tx.alone is None:
+            text = f"SELECT {expression}"
+        else:
+            environment, run = tx.alone
+            params.update(PostgresTx.run_params(environment, run), tag_list=list(run.tags))
+            text = q.insert_run_alone(expression)
+        text, params = tx._sql(text), tx._params(params)
         for attempt in range(3):
             try:
-                tx.cur.execute(text, tx._params(params))
+                tx.cur.execute(text, params)
                 return
             except psycopg.OperationalError:
                 if attempt == 2 or not tx.conn.broken:
